@@ -1,0 +1,32 @@
+/*  util.c -- status names and the clock. */
+#include <time.h>
+#include "tally/tally.h"
+
+const char *
+tly_strerror (int rc)
+{
+    switch (rc) {
+        case TLY_OK:        return "ok";
+        case TLY_EINVAL:    return "invalid input";
+        case TLY_ETOOLARGE: return "too large";
+        case TLY_ENOTFOUND: return "not found";
+        case TLY_EIO:       return "I/O error";
+        case TLY_ENOMEM:    return "out of memory";
+        case TLY_ECORRUPT:  return "stored data is corrupt";
+        case TLY_EUNAVAIL:  return "unavailable";
+        case TLY_ETIMEOUT:  return "timed out";
+        case TLY_ECRYPTO:   return "signature or proof does not verify";
+        case TLY_EPROTO:    return "protocol error";
+        case TLY_ESERVER:   return "server error";
+        case TLY_EEXIST:    return "already exists";
+        default:            return "unknown error";
+    }
+}
+
+uint64_t
+tly_now_ms (void)
+{
+    struct timespec ts;
+    clock_gettime (CLOCK_REALTIME, &ts);
+    return (uint64_t) ts.tv_sec * 1000u + (uint64_t) ts.tv_nsec / 1000000u;
+}
