@@ -22,20 +22,29 @@
 typedef int (tly_node_fn) (void *ctx, unsigned level, uint64_t index,
                            uint8_t out[TLY_HASH_LEN]);
 
+/*  leaf_hash / node_hash / empty root of RFC 9162 2.1.1.  Never fail, need
+    no sodium_init(), and `out` may alias an input. */
 void tly_merkle_leaf_hash (const uint8_t *leaf, size_t len, uint8_t out[TLY_HASH_LEN]);
 void tly_merkle_node_hash (const uint8_t left[TLY_HASH_LEN],
                            const uint8_t right[TLY_HASH_LEN],
                            uint8_t out[TLY_HASH_LEN]);
 void tly_merkle_empty_root (uint8_t out[TLY_HASH_LEN]);
 
-/*  MTH(D[0:n]); n == 0 gives the empty root. */
+/*  MTH(D[0:n]); n == 0 gives the empty root.  At most 64 node reads.
+    Errors from `get` are returned unchanged. */
 int tly_merkle_root (tly_node_fn *get, void *ctx, uint64_t n, uint8_t out[TLY_HASH_LEN]);
 
-/*  PATH(m, D[0:n]) of RFC 9162 2.1.3.1, for m < n. *path_len gets the count. */
+/*  PATH(m, D[0:n]) of RFC 9162 2.1.3.1, for m < n (else TLY_EINVAL),
+    leaf's sibling first.  `path` must have room for TLY_PATH_MAX hashes;
+    *path_len gets the count.  At most 128 node reads.  On error `path` and
+    *path_len are unspecified; errors from `get` are returned unchanged. */
 int tly_merkle_inclusion (tly_node_fn *get, void *ctx, uint64_t m, uint64_t n,
                           uint8_t path[][TLY_HASH_LEN], size_t *path_len);
 
-/*  PROOF(m, D[0:n]) of RFC 9162 2.1.4.1, for 0 < m <= n. */
+/*  PROOF(m, D[0:n]) of RFC 9162 2.1.4.1, for 0 < m <= n (else TLY_EINVAL);
+    m == n gives the empty path.  Same rules for `path` as above;
+    TLY_ETOOLARGE if the proof would exceed TLY_PATH_MAX hashes (only for
+    n > 2^63).  At most 129 node reads. */
 int tly_merkle_consistency (tly_node_fn *get, void *ctx, uint64_t m, uint64_t n,
                             uint8_t path[][TLY_HASH_LEN], size_t *path_len);
 
@@ -49,14 +58,17 @@ int tly_merkle_verify_inclusion (const uint8_t leaf_hash[TLY_HASH_LEN],
 
 /*  RFC 9162 2.1.4.2: TLY_OK when the path proves the tree of size m with
     root1 is a prefix of the tree of size n with root2, else TLY_ECRYPTO
-    (TLY_EINVAL unless 0 < m <= n). */
+    (TLY_EINVAL unless 0 < m <= n).  For m == n the RFC's algorithm would
+    reject every path; here the empty path with root1 == root2 is valid,
+    matching PROOF(n, D[n]) = {}. */
 int tly_merkle_verify_consistency (uint64_t m, uint64_t n,
                                    const uint8_t root1[TLY_HASH_LEN],
                                    const uint8_t root2[TLY_HASH_LEN],
                                    const uint8_t path[][TLY_HASH_LEN], size_t path_len);
 
 /*  The right edge of the tree while appending: frontier[l] is the perfect
-    subtree of 2^l leaves ending the tree, valid when bit l of size is set. */
+    subtree of 2^l leaves ending the tree, valid when bit l of size is set.
+    A zeroed struct is the empty tree. */
 typedef struct {
     uint64_t size;
     uint8_t frontier[64][TLY_HASH_LEN];
@@ -66,9 +78,13 @@ typedef struct {
 typedef int (tly_emit_fn) (void *ctx, unsigned level, uint64_t index,
                            const uint8_t hash[TLY_HASH_LEN]);
 
-/*  Rebuilds the frontier for a tree of size n from stored nodes. */
+/*  Rebuilds the frontier for a tree of size n from stored nodes
+    (popcount(n) reads).  On error the frontier is left empty. */
 int tly_frontier_load (tly_frontier *self, tly_node_fn *get, void *ctx, uint64_t n);
-/*  Appends one leaf hash; emit (may be NULL) sees each completed node. */
+/*  Appends one leaf hash; emit (may be NULL) sees the new leaf at level 0,
+    then each node it completes, level by level.  If emit fails, its error
+    is returned and the frontier is unchanged (the caller rolls back what
+    was emitted).  TLY_ETOOLARGE at 2^64 - 1 leaves.  No allocation. */
 int tly_frontier_push (tly_frontier *self, const uint8_t leaf_hash[TLY_HASH_LEN],
                        tly_emit_fn *emit, void *ctx);
 /*  MTH of the current tree. */
