@@ -1,0 +1,637 @@
+/*  store.c -- the ledger in LMDB (see store.h for the layout). */
+#include <errno.h>
+#include <lmdb.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include "tally/store.h"
+
+#define STH_VAL_LEN (8 + 32 + TLY_SIG_LEN)
+
+struct tly_store {
+    MDB_env *env;
+    MDB_dbi entries, nodes, dedup, sths, meta;
+    uint8_t dedup_key[crypto_generichash_KEYBYTES];
+    char data_path[4200];
+};
+
+struct tly_reader {
+    tly_store *store;
+    MDB_txn *txn;
+    uint64_t size;
+    bool active;
+};
+
+struct tly_writer {
+    tly_store *store;
+    MDB_txn *txn;
+    tly_frontier frontier;          /* includes this txn's appends      */
+    tly_frontier committed;         /* as of the last commit, for abort */
+    tly_sth sth;                    /* the latest committed head        */
+};
+
+static uint64_t
+node_key (unsigned level, uint64_t index)
+{
+    return ((uint64_t) level << 56) | index;
+}
+
+static int
+mkdir_p (const char *path)
+{
+    char tmp[4096];
+    if (snprintf (tmp, sizeof tmp, "%s", path) >= (int) sizeof tmp)
+        return -1;
+    for (char *p = tmp + 1; *p; p++)
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir (tmp, 0755) && errno != EEXIST)
+                return -1;
+            *p = '/';
+        }
+    if (mkdir (tmp, 0755) && errno != EEXIST)
+        return -1;
+    return 0;
+}
+
+static int
+open_dbis (tly_store *self, const char **why)
+{
+    MDB_txn *txn;
+    int rc = mdb_txn_begin (self->env, NULL, 0, &txn);
+    if (rc)
+        goto fail;
+    if ((rc = mdb_dbi_open (txn, "entries", MDB_CREATE | MDB_INTEGERKEY, &self->entries))
+    ||  (rc = mdb_dbi_open (txn, "nodes", MDB_CREATE | MDB_INTEGERKEY, &self->nodes))
+    ||  (rc = mdb_dbi_open (txn, "dedup", MDB_CREATE, &self->dedup))
+    ||  (rc = mdb_dbi_open (txn, "sths", MDB_CREATE | MDB_INTEGERKEY, &self->sths))
+    ||  (rc = mdb_dbi_open (txn, "meta", MDB_CREATE, &self->meta)))
+        goto abort;
+
+    MDB_val k = { 9, "dedup_key" }, v;
+    rc = mdb_get (txn, self->meta, &k, &v);
+    if (rc == MDB_NOTFOUND) {
+        randombytes_buf (self->dedup_key, sizeof self->dedup_key);
+        v.mv_size = sizeof self->dedup_key;
+        v.mv_data = self->dedup_key;
+        MDB_val fk = { 6, "format" }, fv = { 1, "1" };
+        if ((rc = mdb_put (txn, self->meta, &k, &v, 0))
+        ||  (rc = mdb_put (txn, self->meta, &fk, &fv, 0)))
+            goto abort;
+    }
+    else
+    if (rc)
+        goto abort;
+    else
+    if (v.mv_size != sizeof self->dedup_key) {
+        mdb_txn_abort (txn);
+        *why = "meta/dedup_key has the wrong size: the ledger is corrupt";
+        return TLY_ECORRUPT;
+    }
+    else
+        memcpy (self->dedup_key, v.mv_data, sizeof self->dedup_key);
+    if ((rc = mdb_txn_commit (txn)))
+        goto fail;
+    return TLY_OK;
+abort:
+    mdb_txn_abort (txn);
+fail:
+    *why = mdb_strerror (rc);
+    return TLY_EIO;
+}
+
+int
+tly_store_open (const char *dir, size_t map_size, tly_store **out, const char **why)
+{
+    const char *dummy;
+    if (!why)
+        why = &dummy;
+    if (sodium_init () < 0) {
+        *why = "libsodium failed to initialise";
+        return TLY_EIO;
+    }
+    if (strlen (dir) > 3900) {
+        *why = "data dir path is too long";
+        return TLY_EINVAL;
+    }
+    tly_store *self = calloc (1, sizeof *self);
+    if (!self)
+        return TLY_ENOMEM;
+    char path[4096];
+    snprintf (path, sizeof path, "%s/ledger", dir);
+    snprintf (self->data_path, sizeof self->data_path, "%s/data.mdb", path);
+    if (mkdir_p (path)) {
+        *why = strerror (errno);
+        free (self);
+        return TLY_EIO;
+    }
+    int rc = mdb_env_create (&self->env);
+    if (!rc) rc = mdb_env_set_maxdbs (self->env, 8);
+    if (!rc) rc = mdb_env_set_mapsize (self->env, map_size);
+    if (!rc) rc = mdb_env_set_maxreaders (self->env, 256);
+    if (!rc) rc = mdb_env_open (self->env, path, MDB_NOTLS, 0644);
+    if (rc) {
+        *why = mdb_strerror (rc);
+        if (self->env)
+            mdb_env_close (self->env);
+        free (self);
+        return TLY_EIO;
+    }
+    int err = open_dbis (self, why);
+    if (err) {
+        mdb_env_close (self->env);
+        free (self);
+        return err;
+    }
+    *out = self;
+    return TLY_OK;
+}
+
+void
+tly_store_close (tly_store **self_p)
+{
+    if (*self_p) {
+        mdb_env_close ((*self_p)->env);
+        free (*self_p);
+        *self_p = NULL;
+    }
+}
+
+const char *
+tly_store_data_path (tly_store *self)
+{
+    return self->data_path;
+}
+
+void
+tly_store_dedup_hash (tly_store *self, const tly_str *customer, const tly_str *key,
+                      uint8_t out[TLY_DEDUP_LEN])
+{
+    /*  The length prefix keeps ("ab","c") apart from ("a","bc"). */
+    crypto_generichash_state st;
+    uint8_t len[4] = { (uint8_t) (customer->len >> 24), (uint8_t) (customer->len >> 16),
+                       (uint8_t) (customer->len >> 8), (uint8_t) customer->len };
+    crypto_generichash_init (&st, self->dedup_key, sizeof self->dedup_key, TLY_DEDUP_LEN);
+    crypto_generichash_update (&st, len, 4);
+    crypto_generichash_update (&st, (const uint8_t *) customer->ptr, customer->len);
+    crypto_generichash_update (&st, (const uint8_t *) key->ptr, key->len);
+    crypto_generichash_final (&st, out, TLY_DEDUP_LEN);
+}
+
+/* ---- shared by readers and the writer: reads inside any txn ---- */
+
+static int
+get_u64key (MDB_txn *txn, MDB_dbi dbi, uint64_t key, MDB_val *v)
+{
+    MDB_val k = { sizeof key, &key };
+    int rc = mdb_get (txn, dbi, &k, v);
+    if (rc == MDB_NOTFOUND)
+        return TLY_ENOTFOUND;
+    return rc ? TLY_EIO : TLY_OK;
+}
+
+static int
+txn_size (tly_store *store, MDB_txn *txn, uint64_t *size)
+{
+    MDB_cursor *cur;
+    if (mdb_cursor_open (txn, store->entries, &cur))
+        return TLY_EIO;
+    MDB_val k, v;
+    int rc = mdb_cursor_get (cur, &k, &v, MDB_LAST);
+    mdb_cursor_close (cur);
+    if (rc == MDB_NOTFOUND) {
+        *size = 0;
+        return TLY_OK;
+    }
+    if (rc || k.mv_size != 8)
+        return rc ? TLY_EIO : TLY_ECORRUPT;
+    uint64_t last;
+    memcpy (&last, k.mv_data, 8);
+    *size = last + 1;
+    return TLY_OK;
+}
+
+static int
+txn_leaf (tly_store *store, MDB_txn *txn, uint64_t seq, const uint8_t **leaf, size_t *len)
+{
+    MDB_val v;
+    int rc = get_u64key (txn, store->entries, seq, &v);
+    if (rc)
+        return rc;
+    *leaf = v.mv_data;
+    *len = v.mv_size;
+    return TLY_OK;
+}
+
+static int
+txn_node (tly_store *store, MDB_txn *txn, unsigned level, uint64_t index, uint8_t out[32])
+{
+    MDB_val v;
+    int rc = get_u64key (txn, store->nodes, node_key (level, index), &v);
+    if (rc)
+        return rc;
+    if (v.mv_size != 32)
+        return TLY_ECORRUPT;
+    memcpy (out, v.mv_data, 32);
+    return TLY_OK;
+}
+
+static int
+txn_lookup (tly_store *store, MDB_txn *txn, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq)
+{
+    MDB_val k = { TLY_DEDUP_LEN, (void *) dedup }, v;
+    int rc = mdb_get (txn, store->dedup, &k, &v);
+    if (rc == MDB_NOTFOUND)
+        return TLY_ENOTFOUND;
+    if (rc)
+        return TLY_EIO;
+    if (v.mv_size != 8)
+        return TLY_ECORRUPT;
+    memcpy (seq, v.mv_data, 8);
+    return TLY_OK;
+}
+
+static void
+sth_from_val (uint64_t tree_size, const MDB_val *v, tly_sth *out)
+{
+    const uint8_t *p = v->mv_data;
+    out->tree_size = tree_size;
+    memcpy (&out->ts, p, 8);
+    memcpy (out->root, p + 8, 32);
+    memcpy (out->sig, p + 40, TLY_SIG_LEN);
+}
+
+static int
+txn_sth (tly_store *store, MDB_txn *txn, uint64_t tree_size, tly_sth *out)
+{
+    MDB_cursor *cur;
+    if (mdb_cursor_open (txn, store->sths, &cur))
+        return TLY_EIO;
+    MDB_val k = { 8, &tree_size }, v;
+    int rc = tree_size == UINT64_MAX
+           ? mdb_cursor_get (cur, &k, &v, MDB_LAST)
+           : mdb_cursor_get (cur, &k, &v, MDB_SET_KEY);
+    mdb_cursor_close (cur);
+    if (rc == MDB_NOTFOUND)
+        return TLY_ENOTFOUND;
+    if (rc)
+        return TLY_EIO;
+    if (k.mv_size != 8 || v.mv_size != STH_VAL_LEN)
+        return TLY_ECORRUPT;
+    uint64_t size;
+    memcpy (&size, k.mv_data, 8);
+    sth_from_val (size, &v, out);
+    return TLY_OK;
+}
+
+/* ---- readers ---- */
+
+int
+tly_reader_new (tly_store *store, tly_reader **out)
+{
+    tly_reader *self = calloc (1, sizeof *self);
+    if (!self)
+        return TLY_ENOMEM;
+    self->store = store;
+    *out = self;
+    return TLY_OK;
+}
+
+void
+tly_reader_destroy (tly_reader **self_p)
+{
+    tly_reader *self = *self_p;
+    if (self) {
+        if (self->txn)
+            mdb_txn_abort (self->txn);
+        free (self);
+        *self_p = NULL;
+    }
+}
+
+int
+tly_reader_begin (tly_reader *self)
+{
+    int rc = self->txn ? mdb_txn_renew (self->txn)
+                       : mdb_txn_begin (self->store->env, NULL, MDB_RDONLY, &self->txn);
+    if (rc)
+        return TLY_EIO;
+    self->active = true;
+    rc = txn_size (self->store, self->txn, &self->size);
+    if (rc)
+        tly_reader_end (self);
+    return rc;
+}
+
+void
+tly_reader_end (tly_reader *self)
+{
+    if (self->active) {
+        mdb_txn_reset (self->txn);
+        self->active = false;
+    }
+}
+
+uint64_t
+tly_reader_size (tly_reader *self)
+{
+    return self->size;
+}
+
+int
+tly_reader_leaf (tly_reader *self, uint64_t seq, const uint8_t **leaf, size_t *len)
+{
+    return txn_leaf (self->store, self->txn, seq, leaf, len);
+}
+
+int
+tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq)
+{
+    return txn_lookup (self->store, self->txn, dedup, seq);
+}
+
+int
+tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32])
+{
+    tly_reader *self = reader;
+    return txn_node (self->store, self->txn, level, index, out);
+}
+
+int
+tly_reader_sth (tly_reader *self, uint64_t tree_size, tly_sth *out)
+{
+    return txn_sth (self->store, self->txn, tree_size, out);
+}
+
+int
+tly_reader_dedup_scan (tly_reader *self, const uint8_t *after, size_t count,
+                       tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_LEN], bool *done)
+{
+    MDB_cursor *cur;
+    if (mdb_cursor_open (self->txn, self->store->dedup, &cur))
+        return TLY_EIO;
+    MDB_val k, v;
+    int rc;
+    if (after) {
+        k.mv_size = TLY_DEDUP_LEN;
+        k.mv_data = (void *) after;
+        rc = mdb_cursor_get (cur, &k, &v, MDB_SET_RANGE);
+        if (rc == 0 && k.mv_size == TLY_DEDUP_LEN && memcmp (k.mv_data, after, TLY_DEDUP_LEN) == 0)
+            rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    }
+    else
+        rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
+    int err = TLY_OK;
+    *done = false;
+    for (size_t n = 0; n < count; n++) {
+        if (rc == MDB_NOTFOUND) {
+            *done = true;
+            break;
+        }
+        if (rc) {
+            err = TLY_EIO;
+            break;
+        }
+        if (k.mv_size != TLY_DEDUP_LEN || v.mv_size != 8) {
+            err = TLY_ECORRUPT;
+            break;
+        }
+        uint64_t seq;
+        memcpy (&seq, v.mv_data, 8);
+        memcpy (last, k.mv_data, TLY_DEDUP_LEN);
+        if ((err = fn (ctx, k.mv_data, seq)))
+            break;
+        rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    }
+    if (!err && rc == MDB_NOTFOUND)
+        *done = true;
+    mdb_cursor_close (cur);
+    return err;
+}
+
+int
+tly_reader_sth_scan (tly_reader *self, uint64_t from, size_t count,
+                     tly_sth_fn *fn, void *ctx, uint64_t *next, bool *done)
+{
+    MDB_cursor *cur;
+    if (mdb_cursor_open (self->txn, self->store->sths, &cur))
+        return TLY_EIO;
+    MDB_val k = { 8, &from }, v;
+    int rc = mdb_cursor_get (cur, &k, &v, MDB_SET_RANGE);
+    int err = TLY_OK;
+    *done = false;
+    *next = from;
+    for (size_t n = 0; n < count && !err; n++) {
+        if (rc == MDB_NOTFOUND)
+            break;
+        if (rc) {
+            err = TLY_EIO;
+            break;
+        }
+        if (k.mv_size != 8 || v.mv_size != STH_VAL_LEN) {
+            err = TLY_ECORRUPT;
+            break;
+        }
+        tly_sth sth;
+        uint64_t size;
+        memcpy (&size, k.mv_data, 8);
+        sth_from_val (size, &v, &sth);
+        *next = size + 1;
+        err = fn (ctx, &sth);
+        rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    }
+    if (!err && rc == MDB_NOTFOUND)
+        *done = true;
+    mdb_cursor_close (cur);
+    return err;
+}
+
+/* ---- the writer ---- */
+
+static int
+writer_node_fn (void *ctx, unsigned level, uint64_t index, uint8_t out[32])
+{
+    tly_writer *self = ctx;
+    return txn_node (self->store, self->txn, level, index, out);
+}
+
+int
+tly_writer_open (tly_store *store, const uint8_t pk[TLY_PK_LEN], tly_writer **out,
+                 const char **why)
+{
+    tly_writer *self = calloc (1, sizeof *self);
+    if (!self)
+        return TLY_ENOMEM;
+    self->store = store;
+    int rc = mdb_txn_begin (store->env, NULL, MDB_RDONLY, &self->txn);
+    if (rc) {
+        free (self);
+        *why = mdb_strerror (rc);
+        return TLY_EIO;
+    }
+    uint64_t size;
+    int err = txn_size (store, self->txn, &size);
+    if (!err)
+        err = tly_frontier_load (&self->frontier, writer_node_fn, self, size);
+    if (!err) {
+        err = txn_sth (store, self->txn, UINT64_MAX, &self->sth);
+        if (err == TLY_ENOTFOUND && size == 0) {
+            memset (&self->sth, 0, sizeof self->sth);
+            tly_merkle_empty_root (self->sth.root);
+            err = TLY_OK;
+        }
+        else
+        if (!err) {
+            uint8_t root[32];
+            tly_frontier_root (&self->frontier, root);
+            if (self->sth.tree_size != size || memcmp (root, self->sth.root, 32)
+            ||  tly_sth_verify (&self->sth, pk)) {
+                *why = "the latest signed tree head does not match the stored tree "
+                       "(or was not signed by log.key): the ledger is corrupt; "
+                       "run `tally ctl verify` and restore from a backup";
+                err = TLY_ECORRUPT;
+            }
+        }
+        else
+            *why = "no signed tree head for a non-empty ledger: the ledger is corrupt";
+    }
+    else
+        *why = "cannot load the tree's right edge: the ledger is corrupt";
+    mdb_txn_abort (self->txn);
+    self->txn = NULL;
+    if (err) {
+        free (self);
+        return err;
+    }
+    self->committed = self->frontier;
+    *out = self;
+    return TLY_OK;
+}
+
+void
+tly_writer_destroy (tly_writer **self_p)
+{
+    tly_writer *self = *self_p;
+    if (self) {
+        if (self->txn)
+            mdb_txn_abort (self->txn);
+        free (self);
+        *self_p = NULL;
+    }
+}
+
+int
+tly_writer_begin (tly_writer *self)
+{
+    if (self->txn)
+        tly_writer_abort (self);
+    return mdb_txn_begin (self->store->env, NULL, 0, &self->txn) ? TLY_EIO : TLY_OK;
+}
+
+uint64_t
+tly_writer_next_seq (tly_writer *self)
+{
+    return self->frontier.size;
+}
+
+int
+tly_writer_lookup (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq)
+{
+    return txn_lookup (self->store, self->txn, dedup, seq);
+}
+
+int
+tly_writer_leaf (tly_writer *self, uint64_t seq, const uint8_t **leaf, size_t *len)
+{
+    return txn_leaf (self->store, self->txn, seq, leaf, len);
+}
+
+int
+tly_writer_node (tly_writer *self, unsigned level, uint64_t index, uint8_t out[32])
+{
+    return txn_node (self->store, self->txn, level, index, out);
+}
+
+static int
+emit_node (void *ctx, unsigned level, uint64_t index, const uint8_t hash[32])
+{
+    tly_writer *self = ctx;
+    uint64_t key = node_key (level, index);
+    MDB_val k = { 8, &key }, v = { 32, (void *) hash };
+    return mdb_put (self->txn, self->store->nodes, &k, &v, 0) ? TLY_EIO : TLY_OK;
+}
+
+int
+tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
+                   const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32])
+{
+    uint64_t seq = self->frontier.size;
+    MDB_val k = { 8, &seq }, v = { len, (void *) leaf };
+    int rc = mdb_put (self->txn, self->store->entries, &k, &v, MDB_APPEND);
+    if (rc)
+        return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
+    MDB_val dk = { TLY_DEDUP_LEN, (void *) dedup }, dv = { 8, &seq };
+    rc = mdb_put (self->txn, self->store->dedup, &dk, &dv, MDB_NOOVERWRITE);
+    if (rc == MDB_KEYEXIST)
+        return TLY_EEXIST;
+    if (rc)
+        return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
+    tly_merkle_leaf_hash (leaf, len, leaf_hash);
+    return tly_frontier_push (&self->frontier, leaf_hash, emit_node, self);
+}
+
+int
+tly_writer_commit (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
+                   const char **why)
+{
+    tly_sth head = { .tree_size = self->frontier.size, .ts = tly_now_ms () };
+    if (head.ts < self->sth.ts)
+        head.ts = self->sth.ts;     /* heads never go back in time */
+    tly_frontier_root (&self->frontier, head.root);
+    int err = tly_sth_sign (&head, sk);
+    if (err) {
+        *why = "signing the tree head failed";
+        tly_writer_abort (self);
+        return err;
+    }
+    uint8_t val[STH_VAL_LEN];
+    memcpy (val, &head.ts, 8);
+    memcpy (val + 8, head.root, 32);
+    memcpy (val + 40, head.sig, TLY_SIG_LEN);
+    MDB_val k = { 8, &head.tree_size }, v = { sizeof val, val };
+    /*  A commit with no appends re-signs the same size: overwrite. */
+    int rc = mdb_put (self->txn, self->store->sths, &k, &v, 0);
+    if (!rc)
+        rc = mdb_txn_commit (self->txn);
+    else
+        mdb_txn_abort (self->txn);
+    self->txn = NULL;
+    if (rc) {
+        *why = mdb_strerror (rc);
+        self->frontier = self->committed;
+        return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
+    }
+    self->committed = self->frontier;
+    self->sth = head;
+    if (sth)
+        *sth = head;
+    return TLY_OK;
+}
+
+void
+tly_writer_abort (tly_writer *self)
+{
+    if (self->txn) {
+        mdb_txn_abort (self->txn);
+        self->txn = NULL;
+    }
+    self->frontier = self->committed;
+}
+
+const tly_sth *
+tly_writer_sth (tly_writer *self)
+{
+    return &self->sth;
+}
