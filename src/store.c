@@ -567,15 +567,17 @@ int
 tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
                    const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32])
 {
+    /*  The index first: a key already there is refused before anything
+        else of this entry is written. */
     uint64_t seq = self->frontier.size;
-    MDB_val k = { 8, &seq }, v = { len, (void *) leaf };
-    int rc = mdb_put (self->txn, self->store->entries, &k, &v, MDB_APPEND);
-    if (rc)
-        return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
     MDB_val dk = { TLY_DEDUP_LEN, (void *) dedup }, dv = { 8, &seq };
-    rc = mdb_put (self->txn, self->store->dedup, &dk, &dv, MDB_NOOVERWRITE);
+    int rc = mdb_put (self->txn, self->store->dedup, &dk, &dv, MDB_NOOVERWRITE);
     if (rc == MDB_KEYEXIST)
         return TLY_EEXIST;
+    if (rc)
+        return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
+    MDB_val k = { 8, &seq }, v = { len, (void *) leaf };
+    rc = mdb_put (self->txn, self->store->entries, &k, &v, MDB_APPEND);
     if (rc)
         return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
     tly_merkle_leaf_hash (leaf, len, leaf_hash);
