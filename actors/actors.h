@@ -1,0 +1,37 @@
+/*  actors.h -- the four actors of tallyd and what each is handed.
+
+    tallyd (actors/tallyd.c) opens the store, loads the log key, creates the
+    inproc links (PAIR pairs) and the API socket, and hands each actor its
+    ends through these structs.  Sockets and the store outlive any one
+    generation of an actor; everything else an actor owns it creates at
+    start and frees at exit, so a restart starts from the durable store.
+*/
+#ifndef TALLY_ACTORS_H
+#define TALLY_ACTORS_H
+
+#include <czmq.h>
+#include "supervisor.h"
+#include "tally/store.h"
+#include "tally/sth.h"
+
+typedef struct {
+    const char *data_dir;
+    tly_store *store;
+    uint8_t pk[TLY_PK_LEN];
+    uint8_t sk[TLY_SK_LEN];
+    size_t request_max;           /* bytes; larger requests get too_large      */
+    size_t group_max;             /* events per commit, at most                */
+    unsigned verify_interval_s;   /* a full scrub pass at least this often     */
+
+    zsock_t *api;                 /* ROUTER: the API endpoint (ingest)         */
+    zsock_t *ingest_receipt[2];   /* PAIR link: [0] ingest end, [1] receipt end */
+    zsock_t *ingest_quota[2];     /* [0] ingest end, [1] quota end             */
+    zsock_t *receipt_quota[2];    /* [0] receipt end, [1] quota end            */
+} tly_actor_env;
+
+int tly_receipt_actor (tly_child_ctx *ctx, void *env);
+int tly_quota_actor (tly_child_ctx *ctx, void *env);
+int tly_reconcile_actor (tly_child_ctx *ctx, void *env);
+int tly_ingest_actor (tly_child_ctx *ctx, void *env);
+
+#endif

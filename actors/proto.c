@@ -1,0 +1,197 @@
+/*  proto.c -- encoders and decoders of the actors' link messages. */
+#include "proto.h"
+#include "tally/msg.h"
+
+static const tly_msg_limits s_link_limits = { 6, 8000000 };
+
+int
+tly_link_recv (zsock_t *link, tly_link_msg *m)
+{
+    memset (m, 0, sizeof *m);
+    m->msg = zmsg_recv (link);
+    if (!m->msg)
+        return TLY_EIO;
+    msgpack_zone_init (&m->zone, 8192);
+    zframe_t *f = zmsg_first (m->msg);
+    if (!f || zmsg_size (m->msg) != 1)
+        return TLY_EPROTO;
+    const uint8_t *data = zframe_data (f);
+    size_t len = zframe_size (f);
+    if (tly_msg_check (data, len, &s_link_limits, NULL)
+    ||  tly_msg_unpack (data, len, &m->zone, &m->obj)
+    ||  m->obj.type != MSGPACK_OBJECT_ARRAY || m->obj.via.array.size < 2)
+        return TLY_EPROTO;
+    uint64_t type;
+    if (tly_obj_uint (&m->obj.via.array.ptr[0], &type) || type > 255
+    ||  tly_obj_uint (&m->obj.via.array.ptr[1], &m->ctx))
+        return TLY_EPROTO;
+    m->type = (int) type;
+    return TLY_OK;
+}
+
+void
+tly_link_done (tly_link_msg *m)
+{
+    if (m->msg) {
+        zmsg_destroy (&m->msg);
+        msgpack_zone_destroy (&m->zone);
+    }
+}
+
+int
+tly_link_send (zsock_t *link, const tly_buf *buf, bool wait)
+{
+    if (buf->oom)
+        return TLY_ENOMEM;
+    zmq_msg_t msg;
+    if (zmq_msg_init_size (&msg, buf->len))
+        return TLY_ENOMEM;
+    memcpy (zmq_msg_data (&msg), buf->data, buf->len);
+    if (zmq_msg_send (&msg, zsock_resolve (link), wait ? 0 : ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close (&msg);
+        return TLY_EUNAVAIL;
+    }
+    return TLY_OK;
+}
+
+const msgpack_object *
+tly_link_field (const tly_link_msg *m, uint32_t i)
+{
+    return i < m->obj.via.array.size ? &m->obj.via.array.ptr[i] : NULL;
+}
+
+int
+tly_obj_str (const msgpack_object *o, tly_str *out)
+{
+    if (!o || o->type != MSGPACK_OBJECT_STR)
+        return TLY_EINVAL;
+    out->ptr = o->via.str.ptr;
+    out->len = o->via.str.size;
+    return TLY_OK;
+}
+
+int
+tly_obj_uint (const msgpack_object *o, uint64_t *out)
+{
+    if (!o || o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+        return TLY_EINVAL;
+    *out = o->via.u64;
+    return TLY_OK;
+}
+
+void
+tly_item_pack (msgpack_packer *pk, const tly_item *it)
+{
+    msgpack_pack_array (pk, 7);
+    msgpack_pack_uint32 (pk, it->idx);
+    tly_pack_bin (pk, it->tail.ptr, it->tail.len);
+    tly_pack_str (pk, it->customer.ptr, it->customer.len);
+    tly_pack_str (pk, it->key.ptr, it->key.len);
+    tly_pack_str (pk, it->meter.ptr, it->meter.len);
+    msgpack_pack_uint64 (pk, it->qty);
+    msgpack_pack_uint64 (pk, it->ts);
+}
+
+int
+tly_item_decode (const msgpack_object *o, tly_item *it)
+{
+    if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 7)
+        return TLY_EINVAL;
+    const msgpack_object *f = o->via.array.ptr;
+    uint64_t idx;
+    if (tly_obj_uint (&f[0], &idx) || idx >= TLY_BATCH_MAX
+    ||  f[1].type != MSGPACK_OBJECT_BIN
+    ||  tly_obj_str (&f[2], &it->customer) || tly_obj_str (&f[3], &it->key)
+    ||  tly_obj_str (&f[4], &it->meter)
+    ||  tly_obj_uint (&f[5], &it->qty) || tly_obj_uint (&f[6], &it->ts))
+        return TLY_EINVAL;
+    it->idx = (uint32_t) idx;
+    it->tail.ptr = f[1].via.bin.ptr;
+    it->tail.len = f[1].via.bin.size;
+    return TLY_OK;
+}
+
+void
+tly_outcome_pack (msgpack_packer *pk, const tly_outcome *oc)
+{
+    if (oc->status == TLY_ST_REJECTED) {
+        msgpack_pack_array (pk, 4);
+        msgpack_pack_uint32 (pk, oc->idx);
+        msgpack_pack_uint8 (pk, oc->status);
+        tly_pack_cstr (pk, oc->code);
+        tly_pack_cstr (pk, oc->message);
+        return;
+    }
+    msgpack_pack_array (pk, 5);
+    msgpack_pack_uint32 (pk, oc->idx);
+    msgpack_pack_uint8 (pk, oc->status);
+    msgpack_pack_uint64 (pk, oc->seq);
+    msgpack_pack_uint64 (pk, oc->recv_ts);
+    tly_pack_bin (pk, oc->leaf, 32);
+}
+
+/*  Codes and messages come back as pointers into the message; we copy them
+    out through these static tables so outcomes never outlive their frame. */
+static const char *s_codes[] = { "quota_exceeded", "invalid", "forbidden", "internal",
+                                 "unavailable", NULL };
+
+int
+tly_outcome_decode (const msgpack_object *o, tly_outcome *oc)
+{
+    if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size < 4)
+        return TLY_EINVAL;
+    const msgpack_object *f = o->via.array.ptr;
+    uint64_t idx, status;
+    if (tly_obj_uint (&f[0], &idx) || idx >= TLY_BATCH_MAX
+    ||  tly_obj_uint (&f[1], &status) || status > TLY_ST_REJECTED)
+        return TLY_EINVAL;
+    oc->idx = (uint32_t) idx;
+    oc->status = (uint8_t) status;
+    if (status == TLY_ST_REJECTED) {
+        tly_str code, message;
+        if (o->via.array.size != 4 || tly_obj_str (&f[2], &code) || tly_obj_str (&f[3], &message))
+            return TLY_EINVAL;
+        oc->code = "internal";
+        for (int i = 0; s_codes[i]; i++)
+            if (strlen (s_codes[i]) == code.len && memcmp (s_codes[i], code.ptr, code.len) == 0)
+                oc->code = s_codes[i];
+        oc->message = NULL;     /* caller reads f[3] itself if it wants it */
+        return TLY_OK;
+    }
+    if (o->via.array.size != 5 || tly_obj_uint (&f[2], &oc->seq)
+    ||  tly_obj_uint (&f[3], &oc->recv_ts)
+    ||  f[4].type != MSGPACK_OBJECT_BIN || f[4].via.bin.size != 32)
+        return TLY_EINVAL;
+    memcpy (oc->leaf, f[4].via.bin.ptr, 32);
+    return TLY_OK;
+}
+
+void
+tly_reply_head (msgpack_packer *pk, bool ok, const msgpack_object *id, uint32_t extra)
+{
+    msgpack_pack_map (pk, 1 + (id ? 1 : 0) + extra);
+    tly_pack_cstr (pk, "ok");
+    if (ok)
+        msgpack_pack_true (pk);
+    else
+        msgpack_pack_false (pk);
+    if (id) {
+        tly_pack_cstr (pk, "id");
+        msgpack_pack_object (pk, *id);
+    }
+}
+
+void
+tly_reply_error (tly_buf *out, const msgpack_object *id, const char *code,
+                 const char *message)
+{
+    msgpack_packer pk;
+    tly_buf_packer (out, &pk);
+    tly_reply_head (&pk, false, id, 1);
+    tly_pack_cstr (&pk, "error");
+    msgpack_pack_map (&pk, 2);
+    tly_pack_cstr (&pk, "code");
+    tly_pack_cstr (&pk, code);
+    tly_pack_cstr (&pk, "message");
+    tly_pack_cstr (&pk, message);
+}

@@ -1,0 +1,96 @@
+/*  proto.h -- the messages actors exchange over their inproc links.
+
+    Every message is one ZeroMQ frame holding one msgpack array whose first
+    element is the type.  Links are PAIR sockets created by tallyd and
+    handed to each actor generation, so messages queued for an actor that is
+    restarting wait for it instead of being lost.
+
+      ingest  -> receipt  APPEND  [1, ctx, [[idx, tail, customer, key, meter, qty, ts]...]]
+      receipt -> ingest   RESULT  [2, ctx, sth, [[idx, status, seq, recv_ts, leaf]
+                                                 | [idx, 3, code, message]...]]
+                          FAILED  [3, ctx, code, message]   the whole request failed
+      receipt -> quota    ADMIT   [10, ticket, [[customer, meter, ts, qty]...]]
+      quota   -> receipt  VERDICT [11, ticket, bin (one byte per item: 1 admitted)]
+      receipt -> quota    COMMIT  [12, ticket, [[seq, customer, meter, ts, qty]...]]
+                          ABORT   [13, ticket]
+      ingest  -> quota    QUERY   [20, ctx, customer, period]
+      quota   -> ingest   USAGE   [21, ctx, [[meter, limit, used]...]]  or [21, ctx, nil] (unavailable)
+
+    Links carry only what their writer produced, but decoders still check
+    every field: a bug must show up as an error, not as memory corruption.
+*/
+#ifndef TALLY_PROTO_H
+#define TALLY_PROTO_H
+
+#include <czmq.h>
+#include <msgpack.h>
+#include "tally/tally.h"
+#include "tally/buf.h"
+#include "tally/sth.h"
+
+enum {
+    TLY_MSG_APPEND = 1, TLY_MSG_RESULT = 2, TLY_MSG_FAILED = 3,
+    TLY_MSG_ADMIT = 10, TLY_MSG_VERDICT = 11, TLY_MSG_COMMIT = 12, TLY_MSG_ABORT = 13,
+    TLY_MSG_QUERY = 20, TLY_MSG_USAGE = 21,
+};
+
+/*  Result statuses (also the order of the wire strings). */
+enum { TLY_ST_ACCEPTED = 0, TLY_ST_DUPLICATE = 1, TLY_ST_CONFLICT = 2, TLY_ST_REJECTED = 3 };
+
+typedef struct {
+    uint32_t idx;
+    tly_str tail;
+    tly_str customer;
+    tly_str key;
+    tly_str meter;
+    uint64_t qty;
+    uint64_t ts;
+} tly_item;
+
+typedef struct {
+    uint32_t idx;
+    uint8_t status;
+    uint64_t seq;
+    uint64_t recv_ts;
+    uint8_t leaf[32];
+    const char *code;          /* rejected: static strings */
+    const char *message;
+} tly_outcome;
+
+/*  A received link message: the decoded array, its type, and its fields
+    from index 1 on.  Holds the frame and the zone; free with _done. */
+typedef struct {
+    zmsg_t *msg;
+    msgpack_zone zone;
+    msgpack_object obj;
+    int type;
+    uint64_t ctx;              /* ctx or ticket */
+} tly_link_msg;
+
+/*  Receives one message from a link. TLY_OK, TLY_EPROTO (a bad message,
+    discarded) or TLY_EIO (interrupted). */
+int tly_link_recv (zsock_t *link, tly_link_msg *m);
+void tly_link_done (tly_link_msg *m);
+/*  Sends buf as one frame; TLY_EUNAVAIL when the link is full (non-blocking). */
+int tly_link_send (zsock_t *link, const tly_buf *buf, bool wait);
+
+/*  Element i of the message's array (NULL when out of range). */
+const msgpack_object *tly_link_field (const tly_link_msg *m, uint32_t i);
+
+void tly_item_pack (msgpack_packer *pk, const tly_item *it);
+int tly_item_decode (const msgpack_object *o, tly_item *it);
+void tly_outcome_pack (msgpack_packer *pk, const tly_outcome *oc);
+int tly_outcome_decode (const msgpack_object *o, tly_outcome *oc);
+
+/*  Reads a str from an object (TLY_EINVAL if not a str). */
+int tly_obj_str (const msgpack_object *o, tly_str *out);
+int tly_obj_uint (const msgpack_object *o, uint64_t *out);
+
+/*  Packs the head of a client reply: {"ok": ok, "id": id?, ...} with
+    `extra` more pairs to follow.  id may be NULL (no id in the request). */
+void tly_reply_head (msgpack_packer *pk, bool ok, const msgpack_object *id, uint32_t extra);
+/*  A complete error reply body. */
+void tly_reply_error (tly_buf *out, const msgpack_object *id, const char *code,
+                      const char *message);
+
+#endif

@@ -1,0 +1,629 @@
+/*  quota.c -- the quota actor: owns the limits and the monthly usage.
+
+    Usage is exact under any concurrency because the receipt actor, the
+    single writer, asks us about every new event (ADMIT) after
+    deduplication and before it appends: duplicates and conflicts never
+    reach us.  Admission counts the usage at once; an ABORT (failed commit)
+    takes it back; a COMMIT forgets the ticket.
+
+    Durability: limits are written to our own LMDB environment
+    (<data dir>/quota, one writer: us) before set_quota replies.  Usage is
+    derived from the ledger: on start we load the last checkpoint (usage
+    rows and `counted`, the number of ledger entries they include) and count
+    the entries after it.  A COMMIT from a ticket we never admitted (we were
+    restarted between the receipt actor's ADMIT and COMMIT) is counted only
+    for seqs we have not counted yet, so nothing is counted twice or missed.
+*/
+#include <errno.h>
+#include <lmdb.h>
+#include <sys/stat.h>
+#include "actors.h"
+#include "proto.h"
+#include "tally/event.h"
+#include "tally/log.h"
+#include "tally/msg.h"
+#include "tally/quota.h"
+
+#define WHO "quota"
+#define CHECKPOINT_MS 10000
+#define MAX_TICKETS 4096
+
+typedef struct {
+    uint64_t id;
+    uint32_t n;
+    struct {
+        tly_str customer, meter;     /* borrowed from our own copy in `data` */
+        uint64_t period, qty;
+    } *items;
+    char *data;
+} ticket_t;
+
+typedef struct {
+    tly_child_ctx *ctx;
+    tly_actor_env *env;
+    tly_quota *q;
+    MDB_env *mdb;
+    MDB_dbi limits, usage, meta;
+    uint64_t counted;                /* ledger entries [0, counted) are in usage */
+    bool dirty;
+    ticket_t tickets[MAX_TICKETS];
+    size_t ntickets;
+    tly_buf buf;
+} quota_t;
+
+/* ---- our LMDB: limits and usage checkpoints ---- */
+
+static size_t
+row_key (uint8_t *out, const tly_str *c, const tly_str *m, const uint64_t *period)
+{
+    size_t n = 0;
+    out[n++] = (uint8_t) c->len;
+    memcpy (out + n, c->ptr, c->len);
+    n += c->len;
+    out[n++] = (uint8_t) m->len;
+    memcpy (out + n, m->ptr, m->len);
+    n += m->len;
+    if (period) {
+        memcpy (out + n, period, 8);
+        n += 8;
+    }
+    return n;
+}
+
+static int
+row_split (const MDB_val *k, tly_str *c, tly_str *m, uint64_t *period)
+{
+    const uint8_t *p = k->mv_data;
+    size_t n = 0, len = k->mv_size;
+    if (len < 1)
+        return TLY_ECORRUPT;
+    c->len = p[n++];
+    if (c->len + n > len)
+        return TLY_ECORRUPT;
+    c->ptr = (const char *) p + n;
+    n += c->len;
+    if (n >= len)
+        return TLY_ECORRUPT;
+    m->len = p[n++];
+    if (m->len + n > len)
+        return TLY_ECORRUPT;
+    m->ptr = (const char *) p + n;
+    n += m->len;
+    if (period) {
+        if (n + 8 != len)
+            return TLY_ECORRUPT;
+        memcpy (period, p + n, 8);
+    }
+    else
+    if (n != len)
+        return TLY_ECORRUPT;
+    return TLY_OK;
+}
+
+static int
+db_open (quota_t *self)
+{
+    char path[4200];
+    snprintf (path, sizeof path, "%s/quota", self->env->data_dir);
+    if (mkdir (path, 0755) && errno != EEXIST)
+        return TLY_EIO;
+    MDB_txn *txn;
+    int rc = mdb_env_create (&self->mdb);
+    if (!rc) rc = mdb_env_set_maxdbs (self->mdb, 4);
+    if (!rc) rc = mdb_env_set_mapsize (self->mdb, (size_t) 4 << 30);
+    if (!rc) rc = mdb_env_open (self->mdb, path, MDB_NOTLS, 0644);
+    if (!rc) rc = mdb_txn_begin (self->mdb, NULL, 0, &txn);
+    if (rc)
+        return TLY_EIO;
+    if ((rc = mdb_dbi_open (txn, "limits", MDB_CREATE, &self->limits))
+    ||  (rc = mdb_dbi_open (txn, "usage", MDB_CREATE, &self->usage))
+    ||  (rc = mdb_dbi_open (txn, "meta", MDB_CREATE, &self->meta))) {
+        mdb_txn_abort (txn);
+        return TLY_EIO;
+    }
+    return mdb_txn_commit (txn) ? TLY_EIO : TLY_OK;
+}
+
+static int
+db_load (quota_t *self)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    if (mdb_txn_begin (self->mdb, NULL, MDB_RDONLY, &txn))
+        return TLY_EIO;
+    int err = TLY_OK;
+    MDB_dbi dbis[2] = { self->limits, self->usage };
+    for (int d = 0; d < 2 && !err; d++) {
+        if (mdb_cursor_open (txn, dbis[d], &cur)) {
+            err = TLY_EIO;
+            break;
+        }
+        for (int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST); rc == 0 && !err;
+             rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT)) {
+            tly_str c, m;
+            uint64_t val, period;
+            if (v.mv_size != 8 || row_split (&k, &c, &m, d ? &period : NULL)) {
+                err = TLY_ECORRUPT;
+                break;
+            }
+            memcpy (&val, v.mv_data, 8);
+            err = d ? tly_quota_add (self->q, &c, &m, period, val)
+                    : tly_quota_set_limit (self->q, &c, &m, true, val);
+        }
+        mdb_cursor_close (cur);
+    }
+    k.mv_size = 7;
+    k.mv_data = "counted";
+    if (!err && mdb_get (txn, self->meta, &k, &v) == 0 && v.mv_size == 8)
+        memcpy (&self->counted, v.mv_data, 8);
+    mdb_txn_abort (txn);
+    return err;
+}
+
+typedef struct {
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    int err;
+} put_ctx;
+
+static void
+put_usage (void *arg, const tly_str *c, const tly_str *m, uint64_t period, uint64_t used)
+{
+    put_ctx *p = arg;
+    uint8_t key[2 + TLY_CUSTOMER_MAX + TLY_METER_MAX + 8];
+    MDB_val k = { row_key (key, c, m, &period), key }, v = { 8, &used };
+    if (!p->err && mdb_put (p->txn, p->dbi, &k, &v, 0))
+        p->err = TLY_EIO;
+}
+
+/*  Writes every usage row and `counted` in one transaction.  Only called
+    with no ticket outstanding, so the rows hold exactly the committed
+    usage of entries [0, counted). */
+static void
+checkpoint (quota_t *self)
+{
+    if (!self->dirty || self->ntickets)
+        return;
+    put_ctx p = { .dbi = self->usage };
+    if (mdb_txn_begin (self->mdb, NULL, 0, &p.txn))
+        return;
+    tly_quota_each_usage (self->q, put_usage, &p);
+    MDB_val k = { 7, "counted" }, v = { 8, &self->counted };
+    if (!p.err && mdb_put (p.txn, self->meta, &k, &v, 0))
+        p.err = TLY_EIO;
+    if (p.err || mdb_txn_commit (p.txn)) {
+        if (p.err)
+            mdb_txn_abort (p.txn);
+        tly_warn (WHO, "usage checkpoint failed; restarts will recount more of the ledger");
+        return;
+    }
+    self->dirty = false;
+}
+
+/* ---- rebuilding usage from the ledger ---- */
+
+static int
+count_ledger (quota_t *self)
+{
+    tly_reader *r;
+    int rc = tly_reader_new (self->env->store, &r);
+    if (rc)
+        return rc;
+    uint64_t from = self->counted, seq = from;
+    rc = tly_reader_begin (r);
+    uint64_t size = rc ? 0 : tly_reader_size (r);
+    for (; !rc && seq < size; seq++) {
+        const uint8_t *leaf;
+        size_t len;
+        tly_entry e;
+        if ((rc = tly_reader_leaf (r, seq, &leaf, &len))
+        ||  (rc = tly_leaf_decode (leaf, len, &e, NULL)))
+            break;
+        if (e.kind.len == 5 && memcmp (e.kind.ptr, "usage", 5) == 0)
+            rc = tly_quota_add (self->q, &e.ev.customer, &e.ev.meter,
+                                tly_period_of (e.ev.ts), e.ev.qty);
+    }
+    tly_reader_end (r);
+    tly_reader_destroy (&r);
+    if (rc) {
+        tly_error (WHO, "cannot count ledger entry %llu: %s; run `tally ctl verify`",
+                   (unsigned long long) seq, tly_strerror (rc));
+        return rc;
+    }
+    self->counted = size;
+    self->dirty |= size > from;
+    tly_info (WHO, "usage rebuilt: the checkpoint covered %llu entries, %llu more counted "
+                   "from the ledger", (unsigned long long) from, (unsigned long long) (size - from));
+    return TLY_OK;
+}
+
+/* ---- tickets ---- */
+
+static void
+ticket_free (ticket_t *t)
+{
+    free (t->items);
+    free (t->data);
+    memset (t, 0, sizeof *t);
+}
+
+static ticket_t *
+ticket_find (quota_t *self, uint64_t id)
+{
+    for (size_t i = 0; i < self->ntickets; i++)
+        if (self->tickets[i].id == id)
+            return &self->tickets[i];
+    return NULL;
+}
+
+static void
+ticket_drop (quota_t *self, ticket_t *t)
+{
+    ticket_free (t);
+    *t = self->tickets[--self->ntickets];
+    memset (&self->tickets[self->ntickets], 0, sizeof *t);
+}
+
+/* ---- messages from the receipt actor ---- */
+
+static void
+on_admit (quota_t *self, tly_link_msg *m)
+{
+    const msgpack_object *arr = tly_link_field (m, 2);
+    if (!arr || arr->type != MSGPACK_OBJECT_ARRAY)
+        return;
+    uint32_t n = arr->via.array.size;
+    uint8_t *verdict = calloc (n + 1, 1);
+    ticket_t t = { .id = m->ctx, .n = 0 };
+    size_t bytes = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const msgpack_object *f = arr->via.array.ptr[i].via.array.ptr;
+        if (arr->via.array.ptr[i].type == MSGPACK_OBJECT_ARRAY
+        &&  arr->via.array.ptr[i].via.array.size == 4)
+            bytes += f[0].via.str.size + f[1].via.str.size;
+    }
+    t.items = calloc (n + 1, sizeof *t.items);
+    t.data = malloc (bytes + 1);
+    bool room = self->ntickets < MAX_TICKETS;
+    for (uint32_t i = 0; verdict && t.items && t.data && room && i < n; i++) {
+        const msgpack_object *o = &arr->via.array.ptr[i];
+        tly_str c, mt;
+        uint64_t ts, qty;
+        if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 4
+        ||  tly_obj_str (&o->via.array.ptr[0], &c) || tly_obj_str (&o->via.array.ptr[1], &mt)
+        ||  tly_obj_uint (&o->via.array.ptr[2], &ts) || tly_obj_uint (&o->via.array.ptr[3], &qty)
+        ||  c.len > TLY_CUSTOMER_MAX || mt.len > TLY_METER_MAX)
+            continue;               /* verdict 0: refuse what we cannot read */
+        int err;
+        verdict[i] = tly_quota_admit (self->q, &c, &mt, ts, qty, &err);
+        if (!verdict[i])
+            continue;
+        /*  Keep a copy: an ABORT must find the counters again. */
+        char *p = t.data;
+        for (uint32_t k = 0; k < t.n; k++)
+            p += t.items[k].customer.len + t.items[k].meter.len;
+        memcpy (p, c.ptr, c.len);
+        memcpy (p + c.len, mt.ptr, mt.len);
+        t.items[t.n].customer = (tly_str) { p, c.len };
+        t.items[t.n].meter = (tly_str) { p + c.len, mt.len };
+        t.items[t.n].period = tly_period_of (ts);
+        t.items[t.n].qty = qty;
+        t.n++;
+    }
+    if (room && verdict && t.items && t.data)
+        self->tickets[self->ntickets++] = t;
+    else {
+        /*  Out of memory or too many open tickets: refuse the whole round. */
+        for (uint32_t k = 0; k < t.n; k++)
+            tly_quota_sub (self->q, &t.items[k].customer, &t.items[k].meter,
+                           t.items[k].period, t.items[k].qty);
+        if (verdict)
+            memset (verdict, 0, n);
+        ticket_free (&t);
+        tly_error (WHO, "cannot hold an admission (out of memory or %d open rounds)",
+                   MAX_TICKETS);
+    }
+    msgpack_packer pk;
+    tly_buf_reset (&self->buf);
+    tly_buf_packer (&self->buf, &pk);
+    msgpack_pack_array (&pk, 3);
+    msgpack_pack_uint8 (&pk, TLY_MSG_VERDICT);
+    msgpack_pack_uint64 (&pk, m->ctx);
+    tly_pack_bin (&pk, verdict ? verdict : (uint8_t *) "", verdict ? n : 0);
+    tly_link_send (self->env->receipt_quota[1], &self->buf, true);
+    free (verdict);
+}
+
+static void
+on_commit (quota_t *self, tly_link_msg *m)
+{
+    const msgpack_object *arr = tly_link_field (m, 2);
+    if (!arr || arr->type != MSGPACK_OBJECT_ARRAY)
+        return;
+    ticket_t *t = ticket_find (self, m->ctx);
+    uint64_t top = self->counted;
+    for (uint32_t i = 0; i < arr->via.array.size; i++) {
+        const msgpack_object *o = &arr->via.array.ptr[i];
+        tly_str c, mt;
+        uint64_t seq, ts, qty;
+        if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 5
+        ||  tly_obj_uint (&o->via.array.ptr[0], &seq)
+        ||  tly_obj_str (&o->via.array.ptr[1], &c) || tly_obj_str (&o->via.array.ptr[2], &mt)
+        ||  tly_obj_uint (&o->via.array.ptr[3], &ts) || tly_obj_uint (&o->via.array.ptr[4], &qty)
+        ||  c.len > TLY_CUSTOMER_MAX || mt.len > TLY_METER_MAX)
+            continue;
+        /*  Our own admission already counted it; else count what the
+            ledger scan did not include. */
+        if (!t && seq >= self->counted)
+            tly_quota_add (self->q, &c, &mt, tly_period_of (ts), qty);
+        if (seq + 1 > top)
+            top = seq + 1;
+    }
+    self->counted = top;
+    self->dirty = true;
+    if (t)
+        ticket_drop (self, t);
+}
+
+static void
+on_abort (quota_t *self, tly_link_msg *m)
+{
+    ticket_t *t = ticket_find (self, m->ctx);
+    if (!t)
+        return;
+    for (uint32_t k = 0; k < t->n; k++)
+        tly_quota_sub (self->q, &t->items[k].customer, &t->items[k].meter,
+                       t->items[k].period, t->items[k].qty);
+    ticket_drop (self, t);
+}
+
+/* ---- the quota op (from ingest) ---- */
+
+/*  Rows of the quota op: one per meter that has a limit applying to the
+    customer, or usage this period under a wildcard-meter limit; plus a "*"
+    row for a wildcard-meter limit (the default for meters not listed; its
+    `used` is 0, each meter's usage being on its own row). */
+typedef struct {
+    quota_t *self;
+    tly_str customer;
+    uint64_t period;
+    zhashx_t *meters;                /* meter (C string) -> non-NULL */
+    bool wildcard;
+} query_ctx;
+
+static bool
+str_eq (const tly_str *a, const char *b)
+{
+    return a->len == strlen (b) && memcmp (a->ptr, b, a->len) == 0;
+}
+
+static bool
+same (const tly_str *a, const tly_str *b)
+{
+    return a->len == b->len && memcmp (a->ptr, b->ptr, a->len) == 0;
+}
+
+static void
+meter_add (query_ctx *qc, const tly_str *m)
+{
+    char name[TLY_METER_MAX + 1];
+    memcpy (name, m->ptr, m->len);      /* meters are [A-Za-z0-9_.:-]: no NUL */
+    name[m->len] = 0;
+    zhashx_insert (qc->meters, name, (void *) 1);
+}
+
+static void
+query_limit (void *arg, const tly_str *c, const tly_str *m, uint64_t limit)
+{
+    (void) limit;
+    query_ctx *qc = arg;
+    if (!same (c, &qc->customer) && !str_eq (c, "*"))
+        return;
+    if (str_eq (m, "*"))
+        qc->wildcard = true;
+    else
+        meter_add (qc, m);
+}
+
+static void
+query_usage (void *arg, const tly_str *c, const tly_str *m, uint64_t period, uint64_t used)
+{
+    query_ctx *qc = arg;
+    if (period == qc->period && used && same (c, &qc->customer) && qc->wildcard)
+        meter_add (qc, m);
+}
+
+static void
+on_query (quota_t *self, tly_link_msg *m)
+{
+    tly_str customer;
+    uint64_t period;
+    if (tly_obj_str (tly_link_field (m, 2), &customer) || customer.len > TLY_CUSTOMER_MAX
+    ||  tly_obj_uint (tly_link_field (m, 3), &period))
+        return;
+    query_ctx qc = { self, customer, period, zhashx_new (), false };
+    if (!qc.meters)
+        return;
+    tly_quota_each_limit (self->q, query_limit, &qc);
+    tly_quota_each_usage (self->q, query_usage, &qc);
+
+    msgpack_packer pk;
+    tly_buf_reset (&self->buf);
+    tly_buf_packer (&self->buf, &pk);
+    msgpack_pack_array (&pk, 3);
+    msgpack_pack_uint8 (&pk, TLY_MSG_USAGE);
+    msgpack_pack_uint64 (&pk, m->ctx);
+    msgpack_pack_array (&pk, (uint32_t) zhashx_size (qc.meters) + qc.wildcard);
+    for (void *v = zhashx_first (qc.meters); v; v = zhashx_next (qc.meters)) {
+        const char *name = zhashx_cursor (qc.meters);
+        tly_str meter = { name, (uint32_t) strlen (name) };
+        uint64_t limit = 0;
+        tly_quota_limit_for (self->q, &customer, &meter, &limit);
+        msgpack_pack_array (&pk, 3);
+        tly_pack_str (&pk, meter.ptr, meter.len);
+        msgpack_pack_uint64 (&pk, limit);
+        msgpack_pack_uint64 (&pk, tly_quota_used (self->q, &customer, &meter, period));
+    }
+    if (qc.wildcard) {
+        static const tly_str star = { "*", 1 };
+        uint64_t limit = 0;
+        tly_quota_limit_for (self->q, &customer, &star, &limit);
+        msgpack_pack_array (&pk, 3);
+        tly_pack_cstr (&pk, "*");
+        msgpack_pack_uint64 (&pk, limit);
+        msgpack_pack_uint64 (&pk, 0);
+    }
+    zhashx_destroy (&qc.meters);
+    tly_link_send (self->env->ingest_quota[1], &self->buf, true);
+}
+
+/* ---- set_quota (a control call) ---- */
+
+static bool
+valid_side (const tly_str *s, bool meter)
+{
+    if (str_eq (s, "*"))
+        return true;
+    if (s->len == 0 || s->len > (meter ? TLY_METER_MAX : TLY_CUSTOMER_MAX))
+        return false;
+    if (!meter)
+        return tly_utf8_valid (s->ptr, s->len);
+    for (uint32_t i = 0; i < s->len; i++) {
+        char ch = s->ptr[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9')
+           || ch == '_' || ch == '.' || ch == ':' || ch == '-'))
+            return false;
+    }
+    return true;
+}
+
+/*  body: {"op":"set_quota","id"?,"customer","meter","limit": uint | nil} */
+static void
+set_quota (quota_t *self, const msgpack_object *body, tly_buf *reply)
+{
+    const msgpack_object *id = tly_msg_get (body, "id");
+    const msgpack_object *lim = tly_msg_get (body, "limit");
+    tly_str c, m;
+    uint64_t limit = 0;
+    bool remove = lim && lim->type == MSGPACK_OBJECT_NIL;
+    if (tly_msg_get_str (body, "customer", &c) || !valid_side (&c, false)
+    ||  tly_msg_get_str (body, "meter", &m) || !valid_side (&m, true)
+    ||  !lim || (!remove && tly_obj_uint (lim, &limit))) {
+        tly_reply_error (reply, id, "bad_request", "set_quota needs customer (1-128 bytes of "
+                         "UTF-8, or \"*\"), meter ([A-Za-z0-9_.:-]{1,64}, or \"*\") and "
+                         "limit (uint, or nil to remove)");
+        return;
+    }
+    uint8_t key[2 + TLY_CUSTOMER_MAX + TLY_METER_MAX];
+    MDB_val k = { row_key (key, &c, &m, NULL), key }, v = { 8, &limit };
+    MDB_txn *txn;
+    int rc = mdb_txn_begin (self->mdb, NULL, 0, &txn);
+    if (!rc) {
+        rc = remove ? mdb_del (txn, self->limits, &k, NULL) : mdb_put (txn, self->limits, &k, &v, 0);
+        if (rc == MDB_NOTFOUND)
+            rc = 0;
+        rc = rc ? (mdb_txn_abort (txn), rc) : mdb_txn_commit (txn);
+    }
+    if (rc || tly_quota_set_limit (self->q, &c, &m, !remove, limit)) {
+        tly_error (WHO, "cannot store a limit: %s; check the data dir's disk",
+                   mdb_strerror (rc));
+        tly_reply_error (reply, id, "internal", "the limit could not be stored");
+        return;
+    }
+    tly_info (WHO, "limit %.*s/%.*s %s %llu", (int) c.len, c.ptr, (int) m.len, m.ptr,
+              remove ? "removed, was" : "set to", (unsigned long long) limit);
+    msgpack_packer pk;
+    tly_buf_packer (reply, &pk);
+    tly_reply_head (&pk, true, id, 0);
+}
+
+static void
+on_call (quota_t *self, zmsg_t **call)
+{
+    zframe_t *f = zmsg_first (*call);
+    tly_buf reply;
+    tly_buf_init (&reply);
+    msgpack_zone zone;
+    msgpack_zone_init (&zone, 2048);
+    msgpack_object body;
+    if (f && tly_msg_check (zframe_data (f), zframe_size (f), &tly_msg_request_limits, NULL) == 0
+    &&  tly_msg_unpack (zframe_data (f), zframe_size (f), &zone, &body) == 0
+    &&  body.type == MSGPACK_OBJECT_MAP)
+        set_quota (self, &body, &reply);
+    else
+        tly_reply_error (&reply, NULL, "bad_request", "malformed call");
+    zmsg_t *out = zmsg_new ();
+    zmsg_addmem (out, reply.data, reply.len);
+    tly_child_reply (self->ctx, &out);
+    msgpack_zone_destroy (&zone);
+    tly_buf_free (&reply);
+    zmsg_destroy (call);
+}
+
+/* ---- life cycle ---- */
+
+static void
+quota_free (quota_t *self)
+{
+    checkpoint (self);
+    while (self->ntickets)
+        ticket_drop (self, &self->tickets[0]);
+    tly_quota_destroy (&self->q);
+    if (self->mdb)
+        mdb_env_close (self->mdb);
+    tly_buf_free (&self->buf);
+}
+
+int
+tly_quota_actor (tly_child_ctx *ctx, void *args)
+{
+    tly_actor_env *env = args;
+    quota_t self = { .ctx = ctx, .env = env };
+    tly_buf_init (&self.buf);
+    int rc = tly_quota_new (&self.q);
+    if (!rc) rc = db_open (&self);
+    if (!rc) rc = db_load (&self);
+    if (!rc) rc = count_ledger (&self);
+    if (rc) {
+        tly_error (WHO, "cannot start: %s; check <data dir>/quota", tly_strerror (rc));
+        quota_free (&self);
+        return 1;
+    }
+    zsock_t *from_receipt = env->receipt_quota[1], *from_ingest = env->ingest_quota[1];
+    zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), from_receipt, from_ingest, NULL);
+    tly_child_ready (ctx);
+    int64_t next_checkpoint = zclock_mono () + CHECKPOINT_MS;
+    while (true) {
+        void *which = zpoller_wait (poller, 500);
+        if (which == tly_child_pipe (ctx)) {
+            zmsg_t *call = NULL;
+            int r = tly_child_recv (ctx, &call);
+            if (r == TLY_CHILD_TERM)
+                break;
+            if (r == TLY_CHILD_CALL)
+                on_call (&self, &call);
+        }
+        else
+        if (which == from_receipt || which == from_ingest) {
+            tly_link_msg m;
+            if (tly_link_recv (which, &m) == TLY_OK) {
+                switch (m.type) {
+                    case TLY_MSG_ADMIT:  on_admit (&self, &m); break;
+                    case TLY_MSG_COMMIT: on_commit (&self, &m); break;
+                    case TLY_MSG_ABORT:  on_abort (&self, &m); break;
+                    case TLY_MSG_QUERY:  on_query (&self, &m); break;
+                    default: tly_error (WHO, "unexpected message type %d (a bug)", m.type);
+                }
+            }
+            tly_link_done (&m);
+        }
+        if (zclock_mono () >= next_checkpoint) {
+            checkpoint (&self);
+            next_checkpoint = zclock_mono () + CHECKPOINT_MS;
+        }
+    }
+    zpoller_destroy (&poller);
+    quota_free (&self);
+    return 0;
+}

@@ -1,0 +1,607 @@
+/*  receipt.c -- the receipt actor: the ledger's single writer.
+
+    It takes APPEND messages from ingest and turns them into durable,
+    signed receipts with group commit: everything waiting on the link when
+    a commit starts (up to group_max events) goes into one LMDB transaction,
+    one fsync and one signed tree head.  While that fsync runs, new requests
+    queue on the link and form the next group, so the batch grows with load.
+
+    Per event, in order:
+      1. dedup: (customer, key) already in the ledger -> duplicate when the
+         canonical tails are byte-equal, else conflict;
+      2. admission: the new events of a *round* go to the quota actor in one
+         ADMIT; a round ends early when a key repeats inside it, so the
+         repeat is judged against the first once that one is settled;
+      3. append: seq, leaf bytes, leaf hash, Merkle nodes, dedup record.
+    Then commit, COMMIT to quota, RESULT to ingest.  A reply never precedes
+    the fsync.  Any failure aborts the whole group: nothing is half-written
+    and every request in it gets a FAILED reply its client can retry.
+*/
+#include "actors.h"
+#include "proto.h"
+#include "tally/event.h"
+#include "tally/log.h"
+
+#define WHO "receipt"
+#define ADMIT_TIMEOUT_MS 5000
+
+typedef struct {
+    tly_item item;
+    uint8_t dedup[TLY_DEDUP_LEN];
+    uint32_t msg;                   /* index in self->msgs */
+    uint64_t ticket;                /* the round that admitted it */
+    tly_outcome out;
+} work_t;
+
+typedef struct {
+    tly_child_ctx *ctx;
+    tly_actor_env *env;
+    tly_writer *writer;
+    zsock_t *in;                    /* from ingest */
+    zsock_t *quota;
+    zpoller_t *wait_poller;         /* quota link + pipe, while admitting */
+
+    tly_link_msg *msgs;
+    bool *msg_bad;
+    size_t nmsgs, msgs_cap;
+    work_t *work;
+    size_t nwork, work_cap;
+    uint32_t *pending;              /* indices into work: this round's new events */
+    size_t npending;
+    uint32_t *set;                  /* open addressing: work index + 1, 0 = free */
+    size_t set_cap;
+    uint64_t *tickets;              /* rounds admitted in this group */
+    size_t ntickets;
+    uint64_t next_ticket;
+    uint64_t recv_ts;
+    tly_buf buf;
+    tly_buf leaf;
+    bool term;
+} receipt_t;
+
+/* ---- the round set: which keys are new in this round ---- */
+
+static size_t
+set_slot (const uint8_t dedup[TLY_DEDUP_LEN], size_t cap)
+{
+    uint64_t h;
+    memcpy (&h, dedup, 8);          /* dedup is already a keyed hash */
+    return (size_t) h & (cap - 1);
+}
+
+static bool
+set_contains (receipt_t *self, const uint8_t dedup[TLY_DEDUP_LEN])
+{
+    for (size_t i = set_slot (dedup, self->set_cap); self->set[i];
+         i = (i + 1) & (self->set_cap - 1))
+        if (memcmp (self->work[self->set[i] - 1].dedup, dedup, TLY_DEDUP_LEN) == 0)
+            return true;
+    return false;
+}
+
+static void
+set_add (receipt_t *self, uint32_t w)
+{
+    size_t i = set_slot (self->work[w].dedup, self->set_cap);
+    while (self->set[i])
+        i = (i + 1) & (self->set_cap - 1);
+    self->set[i] = w + 1;
+}
+
+static void
+set_clear (receipt_t *self)
+{
+    memset (self->set, 0, self->set_cap * sizeof *self->set);
+}
+
+/* ---- replies ---- */
+
+static void
+send_failed (receipt_t *self, uint64_t ctx, const char *code, const char *message)
+{
+    msgpack_packer pk;
+    tly_buf_reset (&self->buf);
+    tly_buf_packer (&self->buf, &pk);
+    msgpack_pack_array (&pk, 4);
+    msgpack_pack_uint8 (&pk, TLY_MSG_FAILED);
+    msgpack_pack_uint64 (&pk, ctx);
+    tly_pack_cstr (&pk, code);
+    tly_pack_cstr (&pk, message);
+    tly_link_send (self->in, &self->buf, true);
+}
+
+static void
+fail_group (receipt_t *self, const char *code, const char *message)
+{
+    for (size_t i = 0; i < self->nmsgs; i++)
+        send_failed (self, self->msgs[i].ctx, code, message);
+}
+
+static void
+send_results (receipt_t *self, const tly_sth *sth)
+{
+    size_t w = 0;
+    for (size_t i = 0; i < self->nmsgs; i++) {
+        if (self->msg_bad[i]) {
+            send_failed (self, self->msgs[i].ctx, "internal", "malformed internal message");
+            continue;
+        }
+        size_t first = w;
+        while (w < self->nwork && self->work[w].msg == i)
+            w++;
+        msgpack_packer pk;
+        tly_buf_reset (&self->buf);
+        tly_buf_packer (&self->buf, &pk);
+        msgpack_pack_array (&pk, 4);
+        msgpack_pack_uint8 (&pk, TLY_MSG_RESULT);
+        msgpack_pack_uint64 (&pk, self->msgs[i].ctx);
+        tly_sth_pack (sth, &pk);
+        msgpack_pack_array (&pk, (uint32_t) (w - first));
+        for (size_t k = first; k < w; k++)
+            tly_outcome_pack (&pk, &self->work[k].out);
+        if (tly_link_send (self->in, &self->buf, true))
+            tly_error (WHO, "cannot hand a result to ingest (out of memory?); "
+                            "the client will time out and retry");
+    }
+}
+
+static void
+send_commits (receipt_t *self)
+{
+    for (size_t t = 0; t < self->ntickets; t++) {
+        uint32_t n = 0;
+        for (size_t w = 0; w < self->nwork; w++)
+            n += self->work[w].ticket == self->tickets[t]
+              && self->work[w].out.status == TLY_ST_ACCEPTED;
+        msgpack_packer pk;
+        tly_buf_reset (&self->buf);
+        tly_buf_packer (&self->buf, &pk);
+        msgpack_pack_array (&pk, 3);
+        msgpack_pack_uint8 (&pk, TLY_MSG_COMMIT);
+        msgpack_pack_uint64 (&pk, self->tickets[t]);
+        msgpack_pack_array (&pk, n);
+        for (size_t w = 0; w < self->nwork; w++) {
+            work_t *x = &self->work[w];
+            if (x->ticket != self->tickets[t] || x->out.status != TLY_ST_ACCEPTED)
+                continue;
+            msgpack_pack_array (&pk, 5);
+            msgpack_pack_uint64 (&pk, x->out.seq);
+            tly_pack_str (&pk, x->item.customer.ptr, x->item.customer.len);
+            tly_pack_str (&pk, x->item.meter.ptr, x->item.meter.len);
+            msgpack_pack_uint64 (&pk, x->item.ts);
+            msgpack_pack_uint64 (&pk, x->item.qty);
+        }
+        if (tly_link_send (self->quota, &self->buf, true))
+            tly_warn (WHO, "quota link is full; quota will recount from the ledger "
+                           "when it restarts");
+    }
+}
+
+static void
+send_aborts (receipt_t *self)
+{
+    for (size_t t = 0; t < self->ntickets; t++) {
+        msgpack_packer pk;
+        tly_buf_reset (&self->buf);
+        tly_buf_packer (&self->buf, &pk);
+        msgpack_pack_array (&pk, 2);
+        msgpack_pack_uint8 (&pk, TLY_MSG_ABORT);
+        msgpack_pack_uint64 (&pk, self->tickets[t]);
+        tly_link_send (self->quota, &self->buf, true);
+    }
+}
+
+/* ---- judging ---- */
+
+static void
+reject (work_t *w, const char *code, const char *message)
+{
+    w->out.status = TLY_ST_REJECTED;
+    w->out.code = code;
+    w->out.message = message;
+}
+
+/*  1 when the key is already in the ledger (outcome set), 0 when new. */
+static int
+judge_existing (receipt_t *self, work_t *w)
+{
+    uint64_t seq;
+    int rc = tly_writer_lookup (self->writer, w->dedup, &seq);
+    if (rc == TLY_ENOTFOUND)
+        return 0;
+    if (rc)
+        return rc;
+    const uint8_t *leaf;
+    size_t len, tail_off;
+    tly_entry e;
+    if ((rc = tly_writer_leaf (self->writer, seq, &leaf, &len))
+    ||  (rc = tly_leaf_decode (leaf, len, &e, &tail_off))) {
+        tly_error (WHO, "entry %llu named by the idempotency index is unreadable (%s): "
+                        "the ledger is corrupt; run `tally ctl verify`",
+                   (unsigned long long) seq, tly_strerror (rc));
+        return TLY_ECORRUPT;
+    }
+    if (e.ev.customer.len != w->item.customer.len || e.ev.key.len != w->item.key.len
+    ||  memcmp (e.ev.customer.ptr, w->item.customer.ptr, e.ev.customer.len)
+    ||  memcmp (e.ev.key.ptr, w->item.key.ptr, e.ev.key.len)) {
+        /*  A 128-bit keyed-hash collision: astronomically unlikely. */
+        tly_error (WHO, "idempotency index collision at entry %llu", (unsigned long long) seq);
+        reject (w, "internal", "idempotency index collision; contact the operator");
+        return 1;
+    }
+    w->out.seq = seq;
+    if (len - tail_off == w->item.tail.len
+    &&  memcmp (leaf + tail_off, w->item.tail.ptr, w->item.tail.len) == 0) {
+        w->out.status = TLY_ST_DUPLICATE;
+        w->out.recv_ts = e.recv_ts;
+        rc = tly_writer_node (self->writer, 0, seq, w->out.leaf);
+        return rc ? rc : 1;
+    }
+    w->out.status = TLY_ST_CONFLICT;
+    return 1;
+}
+
+static int
+send_admit (receipt_t *self, uint64_t ticket)
+{
+    msgpack_packer pk;
+    tly_buf_reset (&self->buf);
+    tly_buf_packer (&self->buf, &pk);
+    msgpack_pack_array (&pk, 3);
+    msgpack_pack_uint8 (&pk, TLY_MSG_ADMIT);
+    msgpack_pack_uint64 (&pk, ticket);
+    msgpack_pack_array (&pk, (uint32_t) self->npending);
+    for (size_t k = 0; k < self->npending; k++) {
+        tly_item *it = &self->work[self->pending[k]].item;
+        msgpack_pack_array (&pk, 4);
+        tly_pack_str (&pk, it->customer.ptr, it->customer.len);
+        tly_pack_str (&pk, it->meter.ptr, it->meter.len);
+        msgpack_pack_uint64 (&pk, it->ts);
+        msgpack_pack_uint64 (&pk, it->qty);
+    }
+    return tly_link_send (self->quota, &self->buf, true);
+}
+
+/*  Waits for the verdict on `ticket`, answering heartbeats meanwhile.
+    Fills verdict[] (one byte per pending event). */
+static int
+await_verdict (receipt_t *self, uint64_t ticket, uint8_t *verdict)
+{
+    int64_t deadline = zclock_mono () + ADMIT_TIMEOUT_MS;
+    while (zclock_mono () < deadline) {
+        if (tly_child_peer_state (self->ctx, "quota") != TLY_CHILD_RUNNING)
+            return TLY_EUNAVAIL;
+        void *which = zpoller_wait (self->wait_poller, 100);
+        if (which == tly_child_pipe (self->ctx)) {
+            zmsg_t *call = NULL;
+            int r = tly_child_recv (self->ctx, &call);
+            if (r == TLY_CHILD_TERM)
+                self->term = true;      /* finish this group first */
+            else
+            if (r == TLY_CHILD_CALL) {
+                zmsg_t *reply = zmsg_new ();
+                tly_child_reply (self->ctx, &reply);
+                zmsg_destroy (&call);
+            }
+        }
+        else
+        if (which == self->quota) {
+            tly_link_msg m;
+            int rc = tly_link_recv (self->quota, &m);
+            const msgpack_object *bin = rc ? NULL : tly_link_field (&m, 2);
+            bool ours = !rc && m.type == TLY_MSG_VERDICT && m.ctx == ticket && bin
+                     && bin->type == MSGPACK_OBJECT_BIN && bin->via.bin.size == self->npending;
+            if (ours)
+                memcpy (verdict, bin->via.bin.ptr, self->npending);
+            tly_link_done (&m);
+            if (ours)
+                return TLY_OK;          /* anything else is a stale verdict */
+        }
+    }
+    return TLY_ETIMEOUT;
+}
+
+static int
+round_flush (receipt_t *self)
+{
+    if (self->npending == 0)
+        return TLY_OK;
+    uint64_t ticket = ++self->next_ticket;
+    uint8_t *verdict = malloc (self->npending);
+    if (!verdict)
+        return TLY_ENOMEM;
+    int rc = send_admit (self, ticket);
+    if (!rc) {
+        self->tickets[self->ntickets++] = ticket;   /* from now on it may need an ABORT */
+        rc = await_verdict (self, ticket, verdict);
+    }
+    for (size_t k = 0; k < self->npending && !rc; k++) {
+        work_t *w = &self->work[self->pending[k]];
+        if (!verdict[k]) {
+            reject (w, "quota_exceeded", "the monthly limit for this customer and meter "
+                                         "would be exceeded");
+            continue;
+        }
+        uint64_t seq = tly_writer_next_seq (self->writer);
+        tly_buf_reset (&self->leaf);
+        rc = tly_leaf_encode (seq, self->recv_ts, "usage", (const uint8_t *) w->item.tail.ptr,
+                              w->item.tail.len, &self->leaf);
+        if (!rc)
+            rc = tly_writer_append (self->writer, self->leaf.data, self->leaf.len,
+                                    w->dedup, w->out.leaf);
+        w->out.status = TLY_ST_ACCEPTED;
+        w->out.seq = seq;
+        w->out.recv_ts = self->recv_ts;
+        w->ticket = ticket;
+    }
+    free (verdict);
+    self->npending = 0;
+    set_clear (self);
+    return rc;
+}
+
+/* ---- the group ---- */
+
+static int
+grow (void **p, size_t *cap, size_t need, size_t size)
+{
+    if (need <= *cap)
+        return TLY_OK;
+    size_t n = *cap ? *cap : 64;
+    while (n < need)
+        n *= 2;
+    void *q = realloc (*p, n * size);
+    if (!q)
+        return TLY_ENOMEM;
+    *p = q;
+    *cap = n;
+    return TLY_OK;
+}
+
+/*  Decodes the group's items into self->work. */
+static int
+group_decode (receipt_t *self)
+{
+    self->nwork = 0;
+    for (size_t i = 0; i < self->nmsgs; i++) {
+        const msgpack_object *arr = tly_link_field (&self->msgs[i], 2);
+        self->msg_bad[i] = self->msgs[i].type != TLY_MSG_APPEND || !arr
+                        || arr->type != MSGPACK_OBJECT_ARRAY;
+        if (self->msg_bad[i])
+            continue;
+        size_t before = self->nwork;
+        if (grow ((void **) &self->work, &self->work_cap, self->nwork + arr->via.array.size,
+                  sizeof *self->work))
+            return TLY_ENOMEM;
+        for (uint32_t k = 0; k < arr->via.array.size; k++) {
+            work_t *w = &self->work[self->nwork++];
+            memset (w, 0, sizeof *w);
+            w->msg = (uint32_t) i;
+            if (tly_item_decode (&arr->via.array.ptr[k], &w->item)) {
+                self->msg_bad[i] = true;
+                self->nwork = before;
+                break;
+            }
+            w->out.idx = w->item.idx;
+            tly_store_dedup_hash (self->env->store, &w->item.customer, &w->item.key, w->dedup);
+        }
+    }
+    size_t cap = 16;
+    while (cap < 2 * self->nwork)
+        cap *= 2;
+    if (cap > self->set_cap) {
+        free (self->set);
+        self->set = calloc (cap, sizeof *self->set);
+        self->set_cap = self->set ? cap : 0;
+    }
+    free (self->pending);
+    free (self->tickets);
+    self->pending = malloc ((self->nwork + 1) * sizeof *self->pending);
+    self->tickets = malloc ((self->nwork + 1) * sizeof *self->tickets);
+    if (!self->set || !self->pending || !self->tickets)
+        return TLY_ENOMEM;
+    set_clear (self);
+    return TLY_OK;
+}
+
+static int
+group_judge (receipt_t *self)
+{
+    int rc = tly_writer_begin (self->writer);
+    self->recv_ts = tly_now_ms ();
+    for (size_t i = 0; i < self->nwork && !rc; i++) {
+        work_t *w = &self->work[i];
+        if (set_contains (self, w->dedup) && (rc = round_flush (self)))
+            break;
+        rc = judge_existing (self, w);
+        if (rc == 0) {
+            self->pending[self->npending++] = (uint32_t) i;
+            set_add (self, (uint32_t) i);
+        }
+        else
+        if (rc == 1)
+            rc = TLY_OK;
+    }
+    if (!rc)
+        rc = round_flush (self);
+    return rc;
+}
+
+static void
+group_run (receipt_t *self)
+{
+    self->ntickets = 0;
+    self->npending = 0;
+    int rc = group_decode (self);
+    if (rc) {
+        fail_group (self, "internal", "out of memory in the receipt actor");
+        return;
+    }
+    if (tly_child_peer_state (self->ctx, "quota") != TLY_CHILD_RUNNING) {
+        fail_group (self, "unavailable", "the quota actor is not running; "
+                                         "retry with the same idempotency keys");
+        return;
+    }
+    rc = group_judge (self);
+    tly_sth sth;
+    const char *why = "";
+    if (!rc)
+        rc = tly_writer_commit (self->writer, self->env->sk, &sth, &why);
+    else
+        tly_writer_abort (self->writer);
+    if (rc) {
+        send_aborts (self);
+        if (rc == TLY_EUNAVAIL || rc == TLY_ETIMEOUT)
+            fail_group (self, "unavailable", "the quota actor did not answer; "
+                                             "retry with the same idempotency keys");
+        else {
+            tly_error (WHO, "commit of %zu events failed: %s (%s); nothing was written. "
+                            "Check disk space and the data dir (map full: raise map_size_gb)",
+                       self->nwork, tly_strerror (rc), why);
+            fail_group (self, "internal", "the ledger could not commit; nothing was recorded");
+        }
+        return;
+    }
+    send_commits (self);
+    send_results (self, &sth);
+}
+
+/*  Takes everything waiting on the link, up to group_max events. */
+static int
+group_collect (receipt_t *self)
+{
+    size_t events = 0;
+    self->nmsgs = 0;
+    do {
+        if (grow ((void **) &self->msgs, &self->msgs_cap, self->nmsgs + 1, sizeof *self->msgs))
+            return TLY_ENOMEM;
+        size_t cap = self->msgs_cap;
+        bool *bad = realloc (self->msg_bad, cap * sizeof *bad);
+        if (!bad)
+            return TLY_ENOMEM;
+        self->msg_bad = bad;
+        tly_link_msg *m = &self->msgs[self->nmsgs];
+        int rc = tly_link_recv (self->in, m);
+        if (rc == TLY_EIO) {
+            tly_link_done (m);
+            break;
+        }
+        if (rc) {
+            tly_error (WHO, "dropping a malformed message from ingest (a bug)");
+            tly_link_done (m);
+            continue;
+        }
+        const msgpack_object *arr = tly_link_field (m, 2);
+        events += arr && arr->type == MSGPACK_OBJECT_ARRAY ? arr->via.array.size : 0;
+        self->nmsgs++;
+    } while (events < self->env->group_max && (zsock_events (self->in) & ZMQ_POLLIN));
+    return TLY_OK;
+}
+
+static void
+group_release (receipt_t *self)
+{
+    for (size_t i = 0; i < self->nmsgs; i++)
+        tly_link_done (&self->msgs[i]);
+    self->nmsgs = 0;
+}
+
+/* ---- life cycle ---- */
+
+static int
+sign_empty_tree (receipt_t *self)
+{
+    tly_reader *r;
+    int rc = tly_reader_new (self->env->store, &r);
+    if (rc)
+        return rc;
+    tly_sth sth;
+    rc = tly_reader_begin (r);
+    if (!rc) {
+        rc = tly_reader_sth (r, UINT64_MAX, &sth);
+        tly_reader_end (r);
+    }
+    tly_reader_destroy (&r);
+    if (rc != TLY_ENOTFOUND)
+        return rc;
+    const char *why = "";
+    rc = tly_writer_begin (self->writer);
+    if (!rc)
+        rc = tly_writer_commit (self->writer, self->env->sk, &sth, &why);
+    return rc;
+}
+
+static void
+receipt_free (receipt_t *self)
+{
+    group_release (self);
+    tly_writer_destroy (&self->writer);
+    zpoller_destroy (&self->wait_poller);
+    free (self->msgs);
+    free (self->msg_bad);
+    free (self->work);
+    free (self->pending);
+    free (self->set);
+    free (self->tickets);
+    tly_buf_free (&self->buf);
+    tly_buf_free (&self->leaf);
+}
+
+int
+tly_receipt_actor (tly_child_ctx *ctx, void *args)
+{
+    tly_actor_env *env = args;
+    receipt_t self = { .ctx = ctx, .env = env, .in = env->ingest_receipt[1],
+                       .quota = env->receipt_quota[0] };
+    tly_buf_init (&self.buf);
+    tly_buf_init (&self.leaf);
+    const char *why = "";
+    int rc = tly_writer_open (env->store, env->pk, &self.writer, &why);
+    if (!rc)
+        rc = sign_empty_tree (&self);
+    if (rc) {
+        tly_error (WHO, "cannot open the ledger for writing: %s (%s)", tly_strerror (rc), why);
+        receipt_free (&self);
+        return 1;
+    }
+    self.wait_poller = zpoller_new (tly_child_pipe (ctx), self.quota, NULL);
+    zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), self.in, NULL);
+    tly_info (WHO, "ready: tree size %llu",
+              (unsigned long long) tly_writer_next_seq (self.writer));
+    tly_child_ready (ctx);
+
+    int status = 0;
+    while (!self.term) {
+        void *which = zpoller_wait (poller, 500);
+        if (which == tly_child_pipe (ctx)) {
+            zmsg_t *call = NULL;
+            int r = tly_child_recv (ctx, &call);
+            if (r == TLY_CHILD_TERM)
+                break;
+            if (r == TLY_CHILD_CALL) {
+                zmsg_t *reply = zmsg_new ();
+                tly_child_reply (ctx, &reply);
+                zmsg_destroy (&call);
+            }
+        }
+        else
+        if (which == self.in) {
+            if (group_collect (&self)) {
+                tly_error (WHO, "out of memory collecting a group");
+                status = 1;
+                break;
+            }
+            group_run (&self);
+            group_release (&self);
+        }
+        /*  Drain stale verdicts so the link never fills with them. */
+        while (zsock_events (self.quota) & ZMQ_POLLIN) {
+            tly_link_msg m;
+            tly_link_recv (self.quota, &m);
+            tly_link_done (&m);
+        }
+    }
+    zpoller_destroy (&poller);
+    receipt_free (&self);
+    return status;
+}

@@ -1,0 +1,370 @@
+/*  reconcile.c -- the reconcile actor: a scrubber for the stored ledger.
+
+    A pass checks every stored byte against a hash:
+      1. entries: each leaf's bytes hash to its level-0 node, and decode as a
+         canonical leaf carrying its own seq;
+      2. nodes: each stored interior node is the hash of its two children;
+      3. dedup: each idempotency record names an entry whose (customer, key)
+         hashes to the record's key;
+      4. heads: each stored signed tree head verifies with log.pub and its
+         root equals the root recomputed from the stored nodes.
+    Passes run in slices between heartbeats, paced so that a full pass takes
+    about half of --verify-interval: a byte corrupted anywhere in those
+    records is found within one interval.  `verify` runs a pass at full
+    speed and replies when it ends.  Results go to the log (ERROR on the
+    first finding), to `status` and to `verify`.
+*/
+#include "actors.h"
+#include "tally/event.h"
+#include "tally/log.h"
+#include "tally/merkle.h"
+#include "tally/msg.h"
+
+#define WHO "reconcile"
+#define TICK_MS 100
+#define FAST_SLICE 20000
+
+typedef enum { PH_ENTRIES, PH_NODES, PH_DEDUP, PH_STHS, PH_DONE } phase_t;
+
+typedef struct {
+    bool ok;
+    uint64_t at;
+    uint64_t checked;
+    char error[256];
+} result_t;
+
+typedef struct {
+    tly_child_ctx *ctx;
+    tly_actor_env *env;
+    tly_reader *reader;
+    phase_t phase;
+    uint64_t size;                  /* tree size when the pass began */
+    uint64_t pos;                   /* entries / sth position */
+    unsigned level;                 /* nodes: current level */
+    uint8_t dedup_last[TLY_DEDUP_LEN];
+    bool dedup_started;
+    uint64_t checked;
+    char error[256];
+    result_t last;
+    zmsg_t *verify_call;            /* a pending `verify` */
+    int64_t last_logged;
+    char logged[256];
+} recon_t;
+
+static void
+fail (recon_t *self, const char *fmt, ...)
+{
+    if (self->error[0])
+        return;
+    va_list args;
+    va_start (args, fmt);
+    vsnprintf (self->error, sizeof self->error, fmt, args);
+    va_end (args);
+}
+
+static void
+pass_start (recon_t *self)
+{
+    self->phase = PH_ENTRIES;
+    self->pos = 0;
+    self->level = 1;
+    self->dedup_started = false;
+    self->checked = 0;
+    self->error[0] = 0;
+    self->size = 0;
+    if (tly_reader_begin (self->reader) == 0) {
+        self->size = tly_reader_size (self->reader);
+        tly_reader_end (self->reader);
+    }
+}
+
+/* ---- the four phases; each does up to `budget` checks ---- */
+
+static size_t
+check_entries (recon_t *self, size_t budget)
+{
+    size_t done = 0;
+    for (; done < budget && self->pos < self->size && !self->error[0]; done++, self->pos++) {
+        uint64_t seq = self->pos;
+        const uint8_t *leaf;
+        size_t len;
+        uint8_t want[32], got[32];
+        tly_entry e;
+        int rc = tly_reader_leaf (self->reader, seq, &leaf, &len);
+        if (rc) {
+            fail (self, "entry %llu is missing (%s)", (unsigned long long) seq, tly_strerror (rc));
+            break;
+        }
+        if (tly_reader_node (self->reader, 0, seq, want)) {
+            fail (self, "leaf node %llu is missing or malformed", (unsigned long long) seq);
+            break;
+        }
+        tly_merkle_leaf_hash (leaf, len, got);
+        if (memcmp (want, got, 32))
+            fail (self, "entry %llu does not hash to its leaf node", (unsigned long long) seq);
+        else
+        if (tly_leaf_decode (leaf, len, &e, NULL) || e.seq != seq)
+            fail (self, "entry %llu is not a canonical leaf for its seq", (unsigned long long) seq);
+        self->checked++;
+    }
+    if (self->pos >= self->size)
+        self->phase = PH_NODES;
+    return done;
+}
+
+static size_t
+check_nodes (recon_t *self, size_t budget)
+{
+    size_t done = 0;
+    while (done < budget && !self->error[0]) {
+        if (self->level >= 64 || (self->size >> self->level) == 0) {
+            self->phase = PH_DEDUP;
+            break;
+        }
+        if (self->pos >= self->size >> self->level) {
+            self->level++;
+            self->pos = 0;
+            continue;
+        }
+        uint8_t node[32], l[32], r[32], h[32];
+        uint64_t i = self->pos++;
+        if (tly_reader_node (self->reader, self->level, i, node)
+        ||  tly_reader_node (self->reader, self->level - 1, 2 * i, l)
+        ||  tly_reader_node (self->reader, self->level - 1, 2 * i + 1, r)) {
+            fail (self, "Merkle node (%u, %llu) or a child is missing or malformed",
+                  self->level, (unsigned long long) i);
+            break;
+        }
+        tly_merkle_node_hash (l, r, h);
+        if (memcmp (h, node, 32))
+            fail (self, "Merkle node (%u, %llu) is not the hash of its children",
+                  self->level, (unsigned long long) i);
+        done++;
+    }
+    return done;
+}
+
+static int
+check_dedup_one (void *arg, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq)
+{
+    recon_t *self = arg;
+    const uint8_t *leaf;
+    size_t len;
+    tly_entry e;
+    uint8_t h[TLY_DEDUP_LEN];
+    if (tly_reader_leaf (self->reader, seq, &leaf, &len) || tly_leaf_decode (leaf, len, &e, NULL)) {
+        fail (self, "idempotency record names entry %llu, which cannot be read",
+              (unsigned long long) seq);
+        return TLY_ECORRUPT;
+    }
+    tly_store_dedup_hash (self->env->store, &e.ev.customer, &e.ev.key, h);
+    if (memcmp (h, dedup, TLY_DEDUP_LEN)) {
+        fail (self, "idempotency record for entry %llu does not match its (customer, key)",
+              (unsigned long long) seq);
+        return TLY_ECORRUPT;
+    }
+    return TLY_OK;
+}
+
+static size_t
+check_dedup (recon_t *self, size_t budget)
+{
+    bool done = false;
+    int rc = tly_reader_dedup_scan (self->reader, self->dedup_started ? self->dedup_last : NULL,
+                                    budget, check_dedup_one, self, self->dedup_last, &done);
+    self->dedup_started = true;
+    if (rc && !self->error[0])
+        fail (self, "the idempotency index cannot be read (%s)", tly_strerror (rc));
+    if (done) {
+        self->phase = PH_STHS;
+        self->pos = 0;
+    }
+    return budget;
+}
+
+static int
+check_sth_one (void *arg, const tly_sth *sth)
+{
+    recon_t *self = arg;
+    uint8_t root[32];
+    if (tly_sth_verify (sth, self->env->pk)) {
+        fail (self, "the signed tree head for size %llu does not verify with log.pub",
+              (unsigned long long) sth->tree_size);
+        return TLY_ECRYPTO;
+    }
+    if (sth->tree_size > tly_reader_size (self->reader))
+        return TLY_OK;              /* stored after our snapshot began; next pass */
+    int rc = tly_merkle_root (tly_reader_node, self->reader, sth->tree_size, root);
+    if (rc || memcmp (root, sth->root, 32)) {
+        fail (self, "the tree of size %llu does not match its signed head",
+              (unsigned long long) sth->tree_size);
+        return TLY_ECORRUPT;
+    }
+    return TLY_OK;
+}
+
+static size_t
+check_sths (recon_t *self, size_t budget)
+{
+    bool done = false;
+    int rc = tly_reader_sth_scan (self->reader, self->pos, budget, check_sth_one, self,
+                                  &self->pos, &done);
+    if (rc && !self->error[0])
+        fail (self, "the signed tree heads cannot be read (%s)", tly_strerror (rc));
+    if (done) {
+        tly_sth latest;
+        if (tly_reader_sth (self->reader, UINT64_MAX, &latest) == 0
+        &&  latest.tree_size < self->size)
+            fail (self, "the latest signed head (size %llu) is older than the log (%llu)",
+                  (unsigned long long) latest.tree_size, (unsigned long long) self->size);
+        self->phase = PH_DONE;
+    }
+    return budget;
+}
+
+/* ---- passes ---- */
+
+static void
+pass_finish (recon_t *self)
+{
+    self->last.ok = self->error[0] == 0;
+    self->last.at = tly_now_ms ();
+    self->last.checked = self->checked;
+    snprintf (self->last.error, sizeof self->last.error, "%s", self->error);
+    if (self->error[0]) {
+        /*  Say it once, then at most every ten minutes while it persists. */
+        if (strcmp (self->logged, self->error) || zclock_mono () - self->last_logged > 600000) {
+            tly_error (WHO, "CORRUPTION in %s: %s. Stop writing to this ledger, keep a copy "
+                            "of the data dir, and restore from a backup or replica",
+                       tly_store_data_path (self->env->store), self->error);
+            snprintf (self->logged, sizeof self->logged, "%s", self->error);
+            self->last_logged = zclock_mono ();
+        }
+    }
+    else {
+        self->logged[0] = 0;
+        tly_debug (WHO, "pass complete: %llu entries verified", (unsigned long long) self->checked);
+    }
+}
+
+/*  One slice of the current pass; returns true when the pass ended. */
+static bool
+slice (recon_t *self, size_t budget)
+{
+    if (tly_reader_begin (self->reader)) {
+        fail (self, "cannot open a read snapshot");
+        pass_finish (self);
+        return true;
+    }
+    size_t done = 0;
+    while (done < budget && self->phase != PH_DONE && !self->error[0]) {
+        size_t left = budget - done;
+        switch (self->phase) {
+            case PH_ENTRIES: done += check_entries (self, left); break;
+            case PH_NODES:   done += check_nodes (self, left); break;
+            case PH_DEDUP:   done += check_dedup (self, left); break;
+            case PH_STHS:    done += check_sths (self, left); break;
+            case PH_DONE:    break;
+        }
+    }
+    tly_reader_end (self->reader);
+    if (self->phase == PH_DONE || self->error[0]) {
+        pass_finish (self);
+        return true;
+    }
+    return false;
+}
+
+/*  Checks per tick so that a pass (about 3 checks per entry, and the
+    heads) takes half the interval. */
+static size_t
+paced_budget (recon_t *self)
+{
+    uint64_t ticks = (uint64_t) self->env->verify_interval_s * 1000 / TICK_MS / 2;
+    uint64_t work = 3 * self->size + 1000;
+    uint64_t b = ticks ? work / ticks + 1 : work;
+    return b < 1000 ? 1000 : (size_t) b;
+}
+
+/* ---- calls ---- */
+
+static void
+pack_result (const result_t *r, tly_buf *out)
+{
+    msgpack_packer pk;
+    tly_buf_packer (out, &pk);
+    msgpack_pack_map (&pk, 4);
+    tly_pack_cstr (&pk, "ok");
+    r->ok ? msgpack_pack_true (&pk) : msgpack_pack_false (&pk);
+    tly_pack_cstr (&pk, "at");
+    msgpack_pack_uint64 (&pk, r->at);
+    tly_pack_cstr (&pk, "checked");
+    msgpack_pack_uint64 (&pk, r->checked);
+    tly_pack_cstr (&pk, "error");
+    tly_pack_cstr (&pk, r->error);
+}
+
+static void
+reply_result (recon_t *self)
+{
+    tly_buf b;
+    tly_buf_init (&b);
+    pack_result (&self->last, &b);
+    zmsg_t *reply = zmsg_new ();
+    zmsg_addmem (reply, b.data, b.len);
+    tly_child_reply (self->ctx, &reply);
+    tly_buf_free (&b);
+}
+
+static void
+on_call (recon_t *self, zmsg_t **call)
+{
+    char *what = zmsg_popstr (*call);
+    if (what && streq (what, "verify") && !self->verify_call) {
+        self->verify_call = *call;      /* answered when the full pass ends */
+        *call = NULL;
+        pass_start (self);
+    }
+    else
+        reply_result (self);
+    free (what);
+    zmsg_destroy (call);
+}
+
+int
+tly_reconcile_actor (tly_child_ctx *ctx, void *args)
+{
+    tly_actor_env *env = args;
+    recon_t self = { .ctx = ctx, .env = env, .last = { .ok = true } };
+    if (tly_reader_new (env->store, &self.reader)) {
+        tly_error (WHO, "cannot start: out of memory");
+        return 1;
+    }
+    pass_start (&self);
+    tly_child_ready (ctx);
+    zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), NULL);
+    while (true) {
+        void *which = zpoller_wait (poller, self.verify_call ? 0 : TICK_MS);
+        if (which == tly_child_pipe (ctx)) {
+            zmsg_t *call = NULL;
+            int r = tly_child_recv (ctx, &call);
+            if (r == TLY_CHILD_TERM)
+                break;
+            if (r == TLY_CHILD_CALL)
+                on_call (&self, &call);
+            continue;
+        }
+        bool ended = slice (&self, self.verify_call ? FAST_SLICE : paced_budget (&self));
+        if (ended) {
+            if (self.verify_call) {
+                zmsg_destroy (&self.verify_call);
+                reply_result (&self);
+            }
+            pass_start (&self);
+        }
+    }
+    zmsg_destroy (&self.verify_call);
+    zpoller_destroy (&poller);
+    tly_reader_destroy (&self.reader);
+    return 0;
+}
