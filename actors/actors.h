@@ -27,6 +27,12 @@ typedef struct {
     zsock_t *ingest_receipt[2];   /* PAIR link: [0] ingest end, [1] receipt end */
     zsock_t *ingest_quota[2];     /* [0] ingest end, [1] quota end             */
     zsock_t *receipt_quota[2];    /* [0] receipt end, [1] quota end            */
+    /*  Who serves the API socket: ingest, or (while ingest is down) tallyd's
+        main thread, answering `unavailable`.  Ingest sends RETURN when it
+        exits and TAKE when a later generation starts; main answers GIVEN.
+        api_returned is touched only by ingest generations, one at a time. */
+    zsock_t *api_token[2];        /* [0] main end, [1] ingest end              */
+    bool api_returned;
 } tly_actor_env;
 
 int tly_receipt_actor (tly_child_ctx *ctx, void *env);

@@ -382,8 +382,13 @@ reply_all_invalid (ingest_t *self, zmsg_t **env, const msgpack_object *id,
                    const char **why, uint32_t n)
 {
     tly_sth sth;
-    if (tly_reader_sth (self->reader, UINT64_MAX, &sth)) {
-        reply_error (self, env, id, "internal", "no signed tree head is stored yet");
+    int rc = tly_reader_begin (self->reader);
+    if (!rc) {
+        rc = tly_reader_sth (self->reader, UINT64_MAX, &sth);
+        tly_reader_end (self->reader);
+    }
+    if (rc) {
+        reply_error (self, env, id, "internal", "the signed tree head cannot be read");
         return;
     }
     msgpack_packer pk;
@@ -755,6 +760,17 @@ ingest_free (ingest_t *self)
     tly_buf_free (&self->tails);
 }
 
+/*  Hands the API socket back to tallyd's main thread on every exit, so
+    requests are refused with `unavailable` until the next generation. */
+static void
+api_return (tly_actor_env *env)
+{
+    if (!env->api_returned) {
+        env->api_returned = true;
+        zstr_send (env->api_token[1], "RETURN");
+    }
+}
+
 int
 tly_ingest_actor (tly_child_ctx *ctx, void *args)
 {
@@ -769,10 +785,18 @@ tly_ingest_actor (tly_child_ctx *ctx, void *args)
     if (!self.slots || tly_reader_new (env->store, &self.reader)) {
         tly_error (WHO, "cannot start: out of memory");
         ingest_free (&self);
+        api_return (env);
         return 1;
     }
-    zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), self.api, self.receipt,
-                                     self.quota, NULL);
+    /*  The API socket is ours unless an earlier generation handed it back
+        to tallyd's main thread (which answers `unavailable` meanwhile):
+        then ask for it, and serve it once it is given. */
+    zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), self.receipt, self.quota,
+                                     env->api_token[1], NULL);
+    if (env->api_returned)
+        zstr_send (env->api_token[1], "TAKE");
+    else
+        zpoller_add (poller, self.api);
     tly_child_ready (ctx);
     int64_t drain_until = 0, next_expiry = zclock_mono () + 1000;
     while (!drain_until || (self.busy && zclock_mono () < drain_until)) {
@@ -803,6 +827,15 @@ tly_ingest_actor (tly_child_ctx *ctx, void *args)
         else
         if (which == self.receipt || which == self.quota)
             on_link (&self, which);
+        else
+        if (which == env->api_token[1]) {
+            char *given = zstr_recv (env->api_token[1]);
+            if (given && streq (given, "GIVEN") && !drain_until) {
+                env->api_returned = false;
+                zpoller_add (poller, self.api);
+            }
+            zstr_free (&given);
+        }
         if (zclock_mono () > next_expiry) {
             slots_expire (&self);
             next_expiry = zclock_mono () + 1000;
@@ -813,5 +846,6 @@ tly_ingest_actor (tly_child_ctx *ctx, void *args)
                        "will retry", self.busy);
     zpoller_destroy (&poller);
     ingest_free (&self);
+    api_return (env);
     return 0;
 }

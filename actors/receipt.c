@@ -442,13 +442,14 @@ group_run (receipt_t *self)
                                          "retry with the same idempotency keys");
         return;
     }
+    uint64_t before = tly_writer_next_seq (self->writer);
     rc = group_judge (self);
-    tly_sth sth;
+    tly_sth sth = *tly_writer_sth (self->writer);
     const char *why = "";
-    if (!rc)
+    if (!rc && tly_writer_next_seq (self->writer) > before)
         rc = tly_writer_commit (self->writer, self->env->sk, &sth, &why);
     else
-        tly_writer_abort (self->writer);
+        tly_writer_abort (self->writer);    /* nothing new: no fsync, same head */
     if (rc) {
         send_aborts (self);
         if (rc == TLY_EUNAVAIL || rc == TLY_ETIMEOUT)

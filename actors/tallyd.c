@@ -460,6 +460,42 @@ on_control (control_t *c, zsock_t *sock)
     zmsg_destroy (&msg);
 }
 
+/*  While ingest is down: answer every API request `unavailable`. */
+static void
+refuse_api (zsock_t *api)
+{
+    for (int i = 0; i < 256 && (zsock_events (api) & ZMQ_POLLIN); i++) {
+        zmsg_t *msg = zmsg_recv (api);
+        zframe_t *frame = msg ? zmsg_last (msg) : NULL;
+        if (!frame) {
+            zmsg_destroy (&msg);
+            continue;
+        }
+        zmsg_remove (msg, frame);
+        msgpack_zone zone;
+        msgpack_zone_init (&zone, 1024);
+        msgpack_object body;
+        const msgpack_object *id = NULL;
+        if (zframe_size (frame) <= (1u << 20)
+        &&  tly_msg_check (zframe_data (frame), zframe_size (frame), &tly_msg_request_limits, NULL) == 0
+        &&  tly_msg_unpack (zframe_data (frame), zframe_size (frame), &zone, &body) == 0) {
+            id = tly_msg_get (&body, "id");
+            if (id && id->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+                id = NULL;
+        }
+        tly_buf out;
+        tly_buf_init (&out);
+        tly_reply_error (&out, id, "unavailable", "the ingest actor is not running "
+                         "(terminated by an operator, or restarting); retry");
+        zmsg_addmem (msg, out.data, out.len);
+        zmsg_send (&msg, api);
+        zmsg_destroy (&msg);
+        tly_buf_free (&out);
+        msgpack_zone_destroy (&zone);
+        zframe_destroy (&frame);
+    }
+}
+
 /* ---- main ---- */
 
 static int
@@ -483,11 +519,27 @@ serve (const options_t *opt, tly_sup *sup, tly_actor_env *env, zsock_t *control,
         { zsock_resolve (control), 0, ZMQ_POLLIN, 0 },
         { zsock_resolve (tly_sup_sock (sup)), 0, ZMQ_POLLIN, 0 },
         { NULL, sigfd, ZMQ_POLLIN, 0 },
+        { zsock_resolve (env->api_token[0]), 0, ZMQ_POLLIN, 0 },
+        { zsock_resolve (env->api), 0, ZMQ_POLLIN, 0 },
     };
+    bool api_held = false;          /* ingest is down: we answer the API */
     int status = 0;
     while (true) {
-        if (zmq_poll (items, 3, 1000) < 0 && zmq_errno () != EINTR)
+        if (zmq_poll (items, api_held ? 5 : 4, 1000) < 0 && zmq_errno () != EINTR)
             break;
+        if (items[3].revents & ZMQ_POLLIN) {
+            char *what = zstr_recv (env->api_token[0]);
+            if (what && streq (what, "RETURN"))
+                api_held = true;
+            else
+            if (what && streq (what, "TAKE")) {
+                api_held = false;
+                zstr_send (env->api_token[0], "GIVEN");
+            }
+            zstr_free (&what);
+        }
+        if (api_held && (items[4].revents & ZMQ_POLLIN))
+            refuse_api (env->api);
         if (items[2].revents & ZMQ_POLLIN) {
             struct signalfd_siginfo si;
             if (read (sigfd, &si, sizeof si) == sizeof si)
@@ -578,6 +630,7 @@ main (int argc, char **argv)
     if (link_pair (env.ingest_receipt, "ingest-receipt")
     ||  link_pair (env.ingest_quota, "ingest-quota")
     ||  link_pair (env.receipt_quota, "receipt-quota")
+    ||  link_pair (env.api_token, "api-token")
     ||  !(env.api = router_bind (opt.api, "api", 4 * env.request_max + 4096))
     ||  !(control = router_bind (opt.control, "control", 1 << 20))) {
         tly_error (WHO, "cannot set up sockets; exiting");
@@ -605,6 +658,7 @@ main (int argc, char **argv)
         zsock_destroy (&env.ingest_receipt[i]);
         zsock_destroy (&env.ingest_quota[i]);
         zsock_destroy (&env.receipt_quota[i]);
+        zsock_destroy (&env.api_token[i]);
     }
     tly_store_close (&env.store);
     sodium_memzero (env.sk, sizeof env.sk);
