@@ -515,6 +515,8 @@ set_quota (quota_t *self, const msgpack_object *body, tly_buf *reply)
                          "limit (uint, or nil to remove)");
         return;
     }
+    uint64_t old = 0;
+    bool had = tly_quota_limit_exact (self->q, &c, &m, &old);
     uint8_t key[2 + TLY_CUSTOMER_MAX + TLY_METER_MAX];
     MDB_val k = { row_key (key, &c, &m, NULL), key }, v = { 8, &limit };
     MDB_txn *txn;
@@ -531,8 +533,15 @@ set_quota (quota_t *self, const msgpack_object *body, tly_buf *reply)
         tly_reply_error (reply, id, "internal", "the limit could not be stored");
         return;
     }
-    tly_info (WHO, "limit %.*s/%.*s %s %llu", (int) c.len, c.ptr, (int) m.len, m.ptr,
-              remove ? "removed, was" : "set to", (unsigned long long) limit);
+    char was[32] = "none";
+    if (had)
+        snprintf (was, sizeof was, "%llu", (unsigned long long) old);
+    if (remove)
+        tly_info (WHO, "limit %.*s/%.*s removed (was %s)", (int) c.len, c.ptr,
+                  (int) m.len, m.ptr, was);
+    else
+        tly_info (WHO, "limit %.*s/%.*s set to %llu (was %s)", (int) c.len, c.ptr,
+                  (int) m.len, m.ptr, (unsigned long long) limit, was);
     msgpack_packer pk;
     tly_buf_packer (reply, &pk);
     tly_reply_head (&pk, true, id, 0);

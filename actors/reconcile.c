@@ -343,8 +343,12 @@ tly_reconcile_actor (tly_child_ctx *ctx, void *args)
     pass_start (&self);
     tly_child_ready (ctx);
     zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), NULL);
+    /*  Slices run on a deadline, not on poll timeouts: callers asking for
+        status often must not stall the scrub. */
+    int64_t next_slice = zclock_mono ();
     while (true) {
-        void *which = zpoller_wait (poller, self.verify_call ? 0 : TICK_MS);
+        int64_t wait = self.verify_call ? 0 : next_slice - zclock_mono ();
+        void *which = zpoller_wait (poller, wait > 0 ? (int) wait : 0);
         if (which == tly_child_pipe (ctx)) {
             zmsg_t *call = NULL;
             int r = tly_child_recv (ctx, &call);
@@ -352,8 +356,10 @@ tly_reconcile_actor (tly_child_ctx *ctx, void *args)
                 break;
             if (r == TLY_CHILD_CALL)
                 on_call (&self, &call);
-            continue;
         }
+        if (!self.verify_call && zclock_mono () < next_slice)
+            continue;
+        next_slice = zclock_mono () + TICK_MS;
         bool ended = slice (&self, self.verify_call ? FAST_SLICE : paced_budget (&self));
         if (ended) {
             if (self.verify_call) {

@@ -195,6 +195,20 @@ tly_quota_set_limit (tly_quota *self, const tly_str *customer, const tly_str *me
 }
 
 bool
+tly_quota_limit_exact (tly_quota *self, const tly_str *customer, const tly_str *meter,
+                       uint64_t *limit)
+{
+    if (customer->len > TLY_CUSTOMER_MAX || meter->len > TLY_METER_MAX)
+        return false;
+    qkey k;
+    key_make (&k, customer, meter, false, 0);
+    uint64_t *v = zhashx_lookup (self->limits, k.b);
+    if (v)
+        *limit = *v;
+    return v != NULL;
+}
+
+bool
 tly_quota_limit_for (tly_quota *self, const tly_str *customer, const tly_str *meter,
                      uint64_t *limit)
 {

@@ -29,6 +29,9 @@ void tly_quota_destroy (tly_quota **self_p);
 /*  Sets or (limit_set false) removes a limit; customer/meter may be "*". */
 int tly_quota_set_limit (tly_quota *self, const tly_str *customer, const tly_str *meter,
                          bool limit_set, uint64_t limit);
+/*  The limit set for exactly (customer, meter), "*" taken literally. */
+bool tly_quota_limit_exact (tly_quota *self, const tly_str *customer, const tly_str *meter,
+                            uint64_t *limit);
 /*  The limit that applies to (customer, meter), if any. */
 bool tly_quota_limit_for (tly_quota *self, const tly_str *customer, const tly_str *meter,
                           uint64_t *limit);
