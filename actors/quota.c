@@ -286,6 +286,7 @@ on_admit (quota_t *self, tly_link_msg *m)
     t.items = calloc (n + 1, sizeof *t.items);
     t.data = malloc (bytes + 1);
     bool room = self->ntickets < MAX_TICKETS;
+    size_t used = 0;                /* bytes of t.data holding copies so far */
     for (uint32_t i = 0; verdict && t.items && t.data && room && i < n; i++) {
         const msgpack_object *o = &arr->via.array.ptr[i];
         tly_str c, mt;
@@ -300,9 +301,8 @@ on_admit (quota_t *self, tly_link_msg *m)
         if (!verdict[i])
             continue;
         /*  Keep a copy: an ABORT must find the counters again. */
-        char *p = t.data;
-        for (uint32_t k = 0; k < t.n; k++)
-            p += t.items[k].customer.len + t.items[k].meter.len;
+        char *p = t.data + used;
+        used += c.len + mt.len;
         memcpy (p, c.ptr, c.len);
         memcpy (p + c.len, mt.ptr, mt.len);
         t.items[t.n].customer = (tly_str) { p, c.len };

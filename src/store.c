@@ -32,10 +32,15 @@ struct tly_writer {
     tly_sth sth;                    /* the latest committed head        */
 };
 
+/*  Nodes are keyed by the order in which appends complete them (post-order):
+    appending leaf m completes levels 0..t, and 2m - popcount(m) nodes were
+    completed before it.  So every node write is an append at the end of the
+    table (MDB_APPEND: sequential pages, filled completely). */
 static uint64_t
 node_key (unsigned level, uint64_t index)
 {
-    return ((uint64_t) level << 56) | index;
+    uint64_t m = ((index + 1) << level) - 1;      /* the leaf that completes it */
+    return 2 * m - (uint64_t) __builtin_popcountll (m) + level;
 }
 
 static int
@@ -560,7 +565,8 @@ emit_node (void *ctx, unsigned level, uint64_t index, const uint8_t hash[32])
     tly_writer *self = ctx;
     uint64_t key = node_key (level, index);
     MDB_val k = { 8, &key }, v = { 32, (void *) hash };
-    return mdb_put (self->txn, self->store->nodes, &k, &v, 0) ? TLY_EIO : TLY_OK;
+    int rc = mdb_put (self->txn, self->store->nodes, &k, &v, MDB_APPEND);
+    return rc ? (rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO) : TLY_OK;
 }
 
 int

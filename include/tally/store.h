@@ -3,7 +3,9 @@
 
     Layout (one LMDB environment in <data dir>/ledger):
       entries  seq (u64, integer key)          -> leaf bytes (PROTOCOL.md s3)
-      nodes    (level << 56 | index) (u64 key) -> 32-byte perfect-subtree hash
+      nodes    post-order number (u64 key)     -> 32-byte perfect-subtree hash
+               (node (level, index) is the 2m - popcount(m) + level'th node
+               completed, m = ((index + 1) << level) - 1: appends only)
       dedup    16-byte keyed BLAKE2b of (customer, key) -> seq (u64)
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
       meta     "format" -> "1", "dedup_key" -> 32 random bytes
