@@ -543,8 +543,8 @@ serve (const options_t *opt, tly_sup *sup, tly_actor_env *env, zsock_t *control,
         if (items[2].revents & ZMQ_POLLIN) {
             struct signalfd_siginfo si;
             if (read (sigfd, &si, sizeof si) == sizeof si)
-                tly_info (WHO, "got %s: finishing in-flight requests, then exiting",
-                          strsignal ((int) si.ssi_signo));
+                tly_info (WHO, "got %s from pid %u: finishing in-flight requests, then exiting",
+                          strsignal ((int) si.ssi_signo), si.ssi_pid);
             break;
         }
         if (items[1].revents & ZMQ_POLLIN) {

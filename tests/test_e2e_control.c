@@ -1,0 +1,995 @@
+/*  test_e2e_control.c -- the control endpoint (PROTOCOL.md section 5)
+    against a real tallyd: the supervisor's view of its children, stopping
+    and restarting them with and without load (nothing lost, nothing
+    twice), and hard quotas under concurrency and across restarts.
+
+    Every test starts its own daemon, with the scrubber running every 2 s
+    so that it works alongside the load (and must never see corruption).
+*/
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <string.h>
+#include <time.h>
+#include <cmocka.h>
+#include "tally/tally.h"
+#include "tally/client.h"
+#include "helper_server.h"
+
+#define VERIFY_S    2
+#define STATE_MS    15000
+
+static const char *const s_children[4] = { "receipt", "quota", "reconcile", "ingest" };
+
+typedef struct {
+    e2e_server *srv;
+    e2e_conn *api;
+    e2e_conn *ctl;
+    e2e_reply r;
+} fixture;
+
+//  The running test's fixture, freed by fx_teardown if the test fails.
+static fixture *s_fx;
+
+static void
+fx_release (fixture *fx)
+{
+    e2e_conn_destroy (&fx->api);
+    e2e_conn_destroy (&fx->ctl);
+    e2e_reply_free (&fx->r);
+    s_fx = NULL;
+}
+
+//  Pushers still running when a test fails: stopped before its stack goes.
+static e2e_pusher *s_running;
+static int s_nrunning;
+
+static void
+pushers_stop (void)
+{
+    for (int i = 0; i < s_nrunning; i++)
+        atomic_store (&s_running[i].abandon, true);
+    for (int i = 0; i < s_nrunning; i++)
+        e2e_pusher_join (&s_running[i]);
+    for (int i = 0; i < s_nrunning; i++)
+        e2e_pusher_free (&s_running[i]);
+    s_nrunning = 0;
+}
+
+static int
+fx_teardown (void **state)
+{
+    pushers_stop ();
+    if (s_fx)
+        fx_release (s_fx);
+    return e2e_teardown (state);
+}
+
+static void
+fx_start (fixture *fx)
+{
+    memset (fx, 0, sizeof *fx);
+    e2e_reply_init (&fx->r);
+    s_fx = fx;
+    fx->srv = e2e_server_new (VERIFY_S);
+    assert_non_null (fx->srv);
+    fx->api = e2e_conn_new (fx->srv->api);
+    fx->ctl = e2e_conn_new (fx->srv->control);
+    assert_non_null (fx->api);
+    assert_non_null (fx->ctl);
+}
+
+//  A clean stop: the scrubber never complained, SIGTERM exits 0.
+static void
+fx_finish (fixture *fx)
+{
+    assert_int_equal (e2e_callf (fx->ctl, &fx->r, "{'op':'verify'}"), TLY_OK);
+    E2E_OK (&fx->r);
+    bool ok = false;
+    assert_true (e2e_bool (&fx->r.body, "verification.ok", &ok));
+    if (!ok)
+        fprintf (stderr, "verify failed on a healthy ledger: %s\n", e2e_reply_json (&fx->r));
+    assert_true (ok);
+    assert_false (e2e_server_log_has (fx->srv, " ERROR ", NULL));
+    fx_release (fx);
+    assert_int_equal (e2e_server_destroy (&fx->srv), 0);
+}
+
+static uint64_t
+tree_size (fixture *fx)
+{
+    assert_int_equal (e2e_callf (fx->api, &fx->r, "{'op':'sth'}"), TLY_OK);
+    E2E_OK (&fx->r);
+    uint64_t n = 0;
+    assert_true (e2e_uint (&fx->r.body, "sth.tree_size", &n));
+    return n;
+}
+
+//  The child's entry in which_children, or NULL.
+static const msgpack_object *
+child (e2e_reply *r, const char *name)
+{
+    long n = e2e_len (&r->body, "children");
+    for (long i = 0; i < n; i++) {
+        char path[32];
+        snprintf (path, sizeof path, "children.%ld", i);
+        const msgpack_object *c = e2e_at (&r->body, path);
+        if (e2e_str_is (c, "name", name))
+            return c;
+    }
+    return NULL;
+}
+
+static bool
+child_is (fixture *fx, const char *name, const char *state, uint64_t *restarts)
+{
+    if (e2e_callf (fx->ctl, &fx->r, "{'op':'which_children'}") != TLY_OK || !fx->r.ok)
+        return false;
+    const msgpack_object *c = child (&fx->r, name);
+    if (restarts && c)
+        e2e_uint (c, "restarts", restarts);
+    return c && e2e_str_is (c, "state", state);
+}
+
+static uint64_t
+restarts_of (fixture *fx, const char *name)
+{
+    assert_int_equal (e2e_callf (fx->ctl, &fx->r, "{'op':'which_children'}"), TLY_OK);
+    E2E_OK (&fx->r);
+    const msgpack_object *c = child (&fx->r, name);
+    assert_non_null (c);
+    uint64_t n = 0;
+    assert_true (e2e_uint (c, "restarts", &n));
+    return n;
+}
+
+static void
+control_op (fixture *fx, const char *op, const char *name)
+{
+    assert_int_equal (e2e_callf (fx->ctl, &fx->r, "{'op':'%s','name':'%s'}", op, name), TLY_OK);
+    E2E_OK (&fx->r);
+}
+
+static void
+wait_state (fixture *fx, const char *name, const char *state)
+{
+    bool ok;
+    E2E_POLL (ok, STATE_MS, child_is (fx, name, state, NULL));
+    if (!ok)
+        fprintf (stderr, "%s did not become %s: %s\n", name, state, e2e_reply_json (&fx->r));
+    assert_true (ok);
+}
+
+static void
+set_quota (fixture *fx, const char *customer, const char *meter, const char *limit)
+{
+    assert_int_equal (e2e_callf (fx->ctl, &fx->r,
+                                 "{'op':'set_quota','customer':'%s','meter':'%s','limit':%s}",
+                                 customer, meter, limit), TLY_OK);
+    E2E_OK (&fx->r);
+}
+
+//  limit and used of `meter` in the quota op's reply for `customer`.
+static bool
+quota_of (fixture *fx, const char *customer, const char *meter, uint64_t *limit, uint64_t *used)
+{
+    assert_int_equal (e2e_callf (fx->api, &fx->r, "{'op':'quota','customer':'%s'}", customer), TLY_OK);
+    E2E_OK (&fx->r);
+    long n = e2e_len (&fx->r.body, "limits");
+    for (long i = 0; i < n; i++) {
+        char path[32];
+        snprintf (path, sizeof path, "limits.%ld", i);
+        const msgpack_object *l = e2e_at (&fx->r.body, path);
+        if (e2e_str_is (l, "meter", meter))
+            return e2e_uint (l, "limit", limit) && e2e_uint (l, "used", used);
+    }
+    return false;
+}
+
+static void
+expect_quota (fixture *fx, const char *customer, const char *meter, uint64_t limit, uint64_t used)
+{
+    uint64_t l = 0, u = 0;
+    if (!quota_of (fx, customer, meter, &l, &u) || l != limit || u != used) {
+        fprintf (stderr, "%s/%s: expected limit %llu used %llu, got %s\n", customer, meter,
+                 (unsigned long long) limit, (unsigned long long) used,
+                 e2e_reply_json (&fx->r));
+        fail ();
+    }
+}
+
+//  One raw ingest request of events (customer, meter, key-i, qty, now).
+static void
+ingest_raw (fixture *fx, const tly_event *evs, size_t n)
+{
+    tly_buf body;
+    tly_buf_init (&body);
+    e2e_pack_ingest (&body, 1, evs, n);
+    assert_int_equal (e2e_conn_call (fx->api, body.data, body.len, 15000, &fx->r), TLY_OK);
+    tly_buf_free (&body);
+}
+
+//  Retries while unavailable (a child coming back), then expects ok.
+static void
+ingest_until_served (fixture *fx, const tly_event *evs, size_t n)
+{
+    bool ok;
+    E2E_POLL (ok, STATE_MS, (ingest_raw (fx, evs, n), strcmp (fx->r.code, "unavailable") != 0));
+    assert_true (ok);
+    E2E_OK (&fx->r);
+    assert_int_equal (e2e_len (&fx->r.body, "results"), (long) n);
+}
+
+static const char *
+status_at (e2e_reply *r, size_t i)
+{
+    static char st[32];
+    char path[32];
+    snprintf (path, sizeof path, "results.%zu.status", i);
+    if (!e2e_str (&r->body, path, st, sizeof st))
+        strcpy (st, "(none)");
+    return st;
+}
+
+static void
+expect_all (e2e_reply *r, size_t n, const char *status)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp (status_at (r, i), status) != 0) {
+            fprintf (stderr, "result %zu: expected %s in %s\n", i, status, e2e_reply_json (r));
+            fail ();
+        }
+}
+
+static void
+expect_present (fixture *fx, const char *customer, const char *key)
+{
+    assert_int_equal (e2e_callf (fx->api, &fx->r, "{'op':'get','customer':'%s','key':'%s'}",
+                                 customer, key), TLY_OK);
+    if (!fx->r.ok)
+        fprintf (stderr, "%s/%s is missing: %s\n", customer, key, e2e_reply_json (&fx->r));
+    E2E_OK (&fx->r);
+}
+
+/* ---- tests ---- */
+
+static void
+test_children_and_status (void **state)
+{
+    (void) state;
+    fixture fx;
+    fx_start (&fx);
+    uint64_t now = tly_now_ms ();
+
+    assert_int_equal (e2e_callf (fx.ctl, &fx.r, "{'op':'which_children','id':5}"), TLY_OK);
+    E2E_OK (&fx.r);
+    uint64_t v;
+    assert_true (e2e_uint (&fx.r.body, "id", &v) && v == 5);
+    assert_int_equal (e2e_len (&fx.r.body, "children"), 4);
+    for (size_t i = 0; i < 4; i++) {
+        const msgpack_object *c = child (&fx.r, s_children[i]);
+        if (!c) {
+            fprintf (stderr, "no child %s in %s\n", s_children[i], e2e_reply_json (&fx.r));
+            fail ();
+        }
+        assert_true (e2e_str_is (c, "state", "running"));
+        assert_true (e2e_uint (c, "restarts", &v) && v == 0);
+        assert_true (e2e_uint (c, "since", &v));
+        assert_true (v + 600000 > now && v < now + 600000);
+    }
+
+    assert_int_equal (e2e_callf (fx.ctl, &fx.r, "{'op':'count_children'}"), TLY_OK);
+    E2E_OK (&fx.r);
+    assert_true (e2e_uint (&fx.r.body, "specs", &v) && v == 4);
+    assert_true (e2e_uint (&fx.r.body, "active", &v) && v == 4);
+
+    //  some entries for the status and the scrubber
+    tly_event evs[10];
+    char keys[10][32];
+    for (size_t i = 0; i < 10; i++) {
+        snprintf (keys[i], sizeof keys[i], "st%zu", i);
+        evs[i] = e2e_event ("status-cust", "m", keys[i], 1, now);
+    }
+    ingest_raw (&fx, evs, 10);
+    E2E_OK (&fx.r);
+    expect_all (&fx.r, 10, "accepted");
+
+    assert_int_equal (e2e_callf (fx.ctl, &fx.r, "{'op':'verify','id':6}"), TLY_OK);
+    E2E_OK (&fx.r);
+    assert_true (e2e_uint (&fx.r.body, "id", &v) && v == 6);
+    bool ok = false;
+    assert_true (e2e_bool (&fx.r.body, "verification.ok", &ok));
+    assert_true (ok);
+    uint64_t at = 0;
+    assert_true (e2e_uint (&fx.r.body, "verification.at", &at));
+    assert_true (at + 600000 > now && at < now + 600000);
+    assert_true (e2e_uint (&fx.r.body, "verification.checked", &v));
+    assert_true (v >= 10);
+    assert_non_null (e2e_at (&fx.r.body, "verification.error"));
+
+    assert_int_equal (e2e_callf (fx.ctl, &fx.r, "{'op':'status'}"), TLY_OK);
+    E2E_OK (&fx.r);
+    char strategy[32];
+    assert_true (e2e_str (&fx.r.body, "strategy", strategy, sizeof strategy));
+    assert_true (strcmp (strategy, "one_for_one") == 0 || strcmp (strategy, "one_for_all") == 0
+                 || strcmp (strategy, "rest_for_one") == 0);
+    assert_true (e2e_uint (&fx.r.body, "intensity", &v));
+    assert_true (e2e_uint (&fx.r.body, "period", &v));
+    assert_int_equal (e2e_len (&fx.r.body, "children"), 4);
+    assert_true (e2e_uint (&fx.r.body, "tree_size", &v) && v == 10);
+    assert_true (e2e_uint (&fx.r.body, "uptime", &v));
+    assert_true (e2e_bool (&fx.r.body, "verification.ok", &ok) && ok);
+    uint64_t at2 = 0;
+    assert_true (e2e_uint (&fx.r.body, "verification.at", &at2));
+    assert_true (at2 >= at);
+    assert_true (e2e_uint (&fx.r.body, "verification.checked", &v));
+    assert_non_null (e2e_at (&fx.r.body, "verification.error"));
+
+    //  errors
+    static const struct { const char *json; const char *code; } bad[] = {
+        { "{'op':'terminate_child','name':'nope'}", "not_found" },
+        { "{'op':'restart_child','name':'nope'}", "not_found" },
+        { "{'op':'terminate_child'}", "bad_request" },
+        { "{'op':'terminate_child','name':5}", "bad_request" },
+        { "{'op':'restart_child','name':''}", "bad_request" },
+        { "{'op':'set_quota','customer':'c','limit':5}", "bad_request" },
+        { "{'op':'set_quota','meter':'m','limit':5}", "bad_request" },
+        { "{'op':'set_quota','customer':'c','meter':'m','limit':'5'}", "bad_request" },
+        { "{'op':'set_quota','customer':'c','meter':'m','limit':-5}", "bad_request" },
+        { "{'op':'set_quota','customer':'','meter':'m','limit':5}", "bad_request" },
+        { "{'op':'set_quota','customer':'c','meter':'bad meter','limit':5}", "bad_request" },
+        { "{'op':'launch_missiles'}", "unknown_op" },
+        { "{'op':'sth'}", "unknown_op" },
+        { "{'op':5}", "bad_request" },
+        { "{}", "bad_request" },
+        { "[1]", "bad_request" },
+        { "{'op':'status','id':'x'}", "bad_request" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal (e2e_callf (fx.ctl, &fx.r, "%s", bad[i].json), TLY_OK);
+        if (fx.r.ok || strcmp (fx.r.code, bad[i].code) != 0) {
+            fprintf (stderr, "control %s: expected %s, got %s\n", bad[i].json, bad[i].code,
+                     e2e_reply_json (&fx.r));
+            fail ();
+        }
+    }
+    static const uint8_t garbage[] = { 0xdf, 0xff, 0xff, 0xff, 0xff };
+    assert_int_equal (e2e_conn_call (fx.ctl, garbage, sizeof garbage, 15000, &fx.r), TLY_OK);
+    E2E_ERR (&fx.r, "bad_request");
+    //  nothing above stopped a child
+    assert_int_equal (e2e_callf (fx.ctl, &fx.r, "{'op':'count_children'}"), TLY_OK);
+    assert_true (e2e_uint (&fx.r.body, "active", &v) && v == 4);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+//  A terminated child's work is refused with unavailable and never lost;
+//  after restart_child the same events are accepted.
+static void
+test_terminate_and_restart (void **state)
+{
+    (void) state;
+    fixture fx;
+    fx_start (&fx);
+    uint64_t now = tly_now_ms ();
+    tly_event evs[20];
+    char keys[20][32];
+    for (size_t i = 0; i < 20; i++) {
+        snprintf (keys[i], sizeof keys[i], "t%zu", i);
+        evs[i] = e2e_event ("term-cust", "m", keys[i], 1, now);
+    }
+    ingest_raw (&fx, evs, 5);
+    E2E_OK (&fx.r);
+    expect_all (&fx.r, 5, "accepted");
+
+    //  quota: ingest and the quota op are unavailable, reads still served
+    control_op (&fx, "terminate_child", "quota");
+    wait_state (&fx, "quota", "terminated");
+    uint64_t v;
+    assert_int_equal (e2e_callf (fx.ctl, &fx.r, "{'op':'count_children'}"), TLY_OK);
+    assert_true (e2e_uint (&fx.r.body, "active", &v) && v == 3);
+    for (int i = 0; i < 3; i++) {
+        ingest_raw (&fx, evs + 5, 5);
+        E2E_ERR (&fx.r, "unavailable");
+    }
+    assert_int_equal (e2e_callf (fx.api, &fx.r, "{'op':'quota','customer':'term-cust'}"), TLY_OK);
+    E2E_ERR (&fx.r, "unavailable");
+    assert_int_equal (e2e_callf (fx.ctl, &fx.r,
+                                 "{'op':'set_quota','customer':'c','meter':'m','limit':5}"), TLY_OK);
+    E2E_ERR (&fx.r, "unavailable");
+    assert_int_equal (tree_size (&fx), 5);
+    expect_present (&fx, "term-cust", "t0");
+
+    uint64_t before = restarts_of (&fx, "quota");
+    control_op (&fx, "restart_child", "quota");
+    wait_state (&fx, "quota", "running");
+    assert_int_equal (restarts_of (&fx, "quota"), before + 1);
+    ingest_until_served (&fx, evs + 5, 5);
+    expect_all (&fx.r, 5, "accepted");
+    ingest_raw (&fx, evs + 5, 5);
+    expect_all (&fx.r, 5, "duplicate");
+
+    //  receipt: the same
+    control_op (&fx, "terminate_child", "receipt");
+    wait_state (&fx, "receipt", "terminated");
+    ingest_raw (&fx, evs + 10, 5);
+    E2E_ERR (&fx.r, "unavailable");
+    before = restarts_of (&fx, "receipt");
+    control_op (&fx, "restart_child", "receipt");
+    wait_state (&fx, "receipt", "running");
+    assert_int_equal (restarts_of (&fx, "receipt"), before + 1);
+    ingest_until_served (&fx, evs + 10, 5);
+    expect_all (&fx.r, 5, "accepted");
+
+    //  reconcile: verify is unavailable while it is down
+    control_op (&fx, "terminate_child", "reconcile");
+    wait_state (&fx, "reconcile", "terminated");
+    assert_int_equal (e2e_callf (fx.ctl, &fx.r, "{'op':'verify'}"), TLY_OK);
+    E2E_ERR (&fx.r, "unavailable");
+    ingest_raw (&fx, evs + 15, 2);          //  ingest does not need it
+    E2E_OK (&fx.r);
+    expect_all (&fx.r, 2, "accepted");
+    control_op (&fx, "restart_child", "reconcile");
+    wait_state (&fx, "reconcile", "running");
+
+    //  ingest: API requests are refused with unavailable until it is back
+    control_op (&fx, "terminate_child", "ingest");
+    wait_state (&fx, "ingest", "terminated");
+    ingest_raw (&fx, evs + 17, 3);
+    E2E_ERR (&fx.r, "unavailable");
+    assert_int_equal (e2e_callf (fx.api, &fx.r, "{'op':'sth','id':4}"), TLY_OK);
+    E2E_ERR (&fx.r, "unavailable");
+    assert_true (e2e_uint (&fx.r.body, "id", &v) && v == 4);
+    control_op (&fx, "restart_child", "ingest");
+    wait_state (&fx, "ingest", "running");
+    ingest_until_served (&fx, evs + 17, 3);
+    expect_all (&fx.r, 3, "accepted");
+
+    //  nothing lost, nothing twice
+    assert_int_equal (tree_size (&fx), 20);
+    for (size_t i = 0; i < 20; i++)
+        expect_present (&fx, "term-cust", keys[i]);
+    assert_int_equal (e2e_callf (fx.ctl, &fx.r, "{'op':'count_children'}"), TLY_OK);
+    assert_true (e2e_uint (&fx.r.body, "active", &v) && v == 4);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+//  Restarts each child while two pushers keep ingesting: every event ends
+//  up in the log exactly once, and the quota actor's rebuilt usage is exact.
+static void
+test_restart_under_load (void **state)
+{
+    (void) state;
+    fixture fx;
+    fx_start (&fx);
+    set_quota (&fx, "load-cust", "req", "1000000000");
+    enum { PUSHERS = 2, CAPACITY = 20000 };
+    e2e_pusher p[PUSHERS];
+    for (int i = 0; i < PUSHERS; i++) {
+        char prefix[16];
+        snprintf (prefix, sizeof prefix, "p%d", i);
+        assert_int_equal (e2e_pusher_init (&p[i], fx.srv->api, fx.srv->pk, "load-cust",
+                                           "req", prefix, CAPACITY, 10 + 7 * (size_t) i), TLY_OK);
+    }
+    for (int i = 0; i < PUSHERS; i++) {
+        assert_int_equal (e2e_pusher_start (&p[i]), TLY_OK);
+        s_running = p;
+        s_nrunning = i + 1;
+    }
+    uint64_t restarts[4];
+    for (size_t c = 0; c < 4; c++)
+        restarts[c] = restarts_of (&fx, s_children[c]);
+
+    for (size_t round = 0; round < 8; round++) {
+        size_t c = round % 4;
+        //  let the load run a little before each restart
+        size_t base = atomic_load (&p[0].done) + atomic_load (&p[1].done);
+        bool ok;
+        E2E_POLL (ok, 30000, atomic_load (&p[0].done) + atomic_load (&p[1].done) >= base + 200
+                             || p[0].fail[0] || p[1].fail[0]);
+        assert_true (ok);
+        assert_true (e2e_server_alive (fx.srv));
+        assert_string_equal (p[0].fail, "");
+        assert_string_equal (p[1].fail, "");
+        control_op (&fx, "restart_child", s_children[c]);
+        wait_state (&fx, s_children[c], "running");
+        restarts[c]++;
+        assert_int_equal (restarts_of (&fx, s_children[c]), restarts[c]);
+    }
+    //  and some load after the last restart
+    size_t base = atomic_load (&p[0].done) + atomic_load (&p[1].done);
+    bool ok;
+    E2E_POLL (ok, 30000, atomic_load (&p[0].done) + atomic_load (&p[1].done) >= base + 200
+                         || p[0].fail[0] || p[1].fail[0]);
+    assert_true (ok);
+    assert_true (e2e_server_alive (fx.srv));
+    for (int i = 0; i < PUSHERS; i++)
+        atomic_store (&p[i].finish, true);
+    for (int i = 0; i < PUSHERS; i++)
+        e2e_pusher_join (&p[i]);
+    s_nrunning = 0;
+
+    size_t total = 0;
+    for (int i = 0; i < PUSHERS; i++) {
+        if (p[i].fail[0])
+            fprintf (stderr, "pusher %d: %s\n", i, p[i].fail);
+        assert_string_equal (p[i].fail, "");
+        fprintf (stderr, "pusher %d: %zu events, %u failed requests (last: %s)\n", i,
+                 atomic_load (&p[i].done), p[i].failures, p[i].last_error);
+        size_t done = atomic_load (&p[i].done);
+        for (size_t k = 0; k < done; k++) {
+            tly_result *res = &p[i].results[k];
+            if (res->status != TLY_ACCEPTED && res->status != TLY_DUPLICATE) {
+                fprintf (stderr, "pusher %d event %zu (%s): status %d code %s %s\n", i, k,
+                         p[i].keys[k], (int) res->status, res->code, res->message);
+                fail ();
+            }
+        }
+        total += done;
+    }
+    //  exactly once: the log holds every key, and nothing more
+    assert_int_equal (tree_size (&fx), total);
+    e2e_conn *c = fx.api;
+    for (int i = 0; i < PUSHERS; i++) {
+        size_t done = atomic_load (&p[i].done);
+        for (size_t k = 0; k < done; k++) {
+            assert_int_equal (e2e_callf (c, &fx.r, "{'op':'get','customer':'load-cust','key':'%s'}",
+                                         p[i].keys[k]), TLY_OK);
+            if (!fx.r.ok)
+                fprintf (stderr, "%s missing: %s\n", p[i].keys[k], e2e_reply_json (&fx.r));
+            E2E_OK (&fx.r);
+            uint64_t seq = 0;
+            assert_true (e2e_uint (&fx.r.body, "entry.seq", &seq));
+            assert_int_equal (seq, p[i].results[k].seq);
+            uint8_t leaf[32];
+            assert_true (e2e_bin (&fx.r.body, "leaf", leaf, 32));
+            assert_memory_equal (leaf, p[i].results[k].leaf, 32);
+        }
+    }
+    expect_quota (&fx, "load-cust", "req", 1000000000, total);
+    for (int i = 0; i < PUSHERS; i++)
+        e2e_pusher_free (&p[i]);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+//  8 clients race for a limit of 1000 with 2400 events: exactly 1000 win.
+//  Limits and usage survive a restart.
+static void
+test_quota_race_and_restart (void **state)
+{
+    (void) state;
+    fixture fx;
+    fx_start (&fx);
+    enum { THREADS = 8, EACH = 300, LIMIT = 1000 };
+    set_quota (&fx, "race-cust", "calls", "1000");
+    e2e_pusher p[THREADS];
+    for (int i = 0; i < THREADS; i++) {
+        char prefix[16];
+        snprintf (prefix, sizeof prefix, "r%d", i);
+        assert_int_equal (e2e_pusher_init (&p[i], fx.srv->api, fx.srv->pk, "race-cust",
+                                           "calls", prefix, EACH, 5 + 5 * (size_t) (i % 4)), TLY_OK);
+        p[i].timeout_ms = 20000;
+    }
+    for (int i = 0; i < THREADS; i++) {
+        assert_int_equal (e2e_pusher_start (&p[i]), TLY_OK);
+        s_running = p;
+        s_nrunning = i + 1;
+    }
+    for (int i = 0; i < THREADS; i++)
+        e2e_pusher_join (&p[i]);
+    s_nrunning = 0;
+    size_t accepted = 0, exceeded = 0;
+    for (int i = 0; i < THREADS; i++) {
+        assert_string_equal (p[i].fail, "");
+        assert_int_equal (atomic_load (&p[i].done), EACH);
+        for (size_t k = 0; k < EACH; k++) {
+            tly_result *res = &p[i].results[k];
+            if (res->status == TLY_ACCEPTED)
+                accepted++;
+            else
+            if (res->status == TLY_REJECTED && strcmp (res->code, "quota_exceeded") == 0)
+                exceeded++;
+            else {
+                fprintf (stderr, "event %s: status %d code %s\n", p[i].keys[k],
+                         (int) res->status, res->code);
+                fail ();
+            }
+        }
+    }
+    fprintf (stderr, "accepted %zu, quota_exceeded %zu\n", accepted, exceeded);
+    assert_int_equal (accepted, LIMIT);
+    assert_int_equal (exceeded, THREADS * EACH - LIMIT);
+    expect_quota (&fx, "race-cust", "calls", LIMIT, LIMIT);
+    assert_int_equal (tree_size (&fx), LIMIT);
+
+    //  a clean restart: the limit is durable and usage is rebuilt
+    e2e_conn_destroy (&fx.api);
+    e2e_conn_destroy (&fx.ctl);
+    assert_int_equal (e2e_server_stop (fx.srv), 0);
+    assert_int_equal (e2e_server_start (fx.srv), TLY_OK);
+    fx.api = e2e_conn_new (fx.srv->api);
+    fx.ctl = e2e_conn_new (fx.srv->control);
+    expect_quota (&fx, "race-cust", "calls", LIMIT, LIMIT);
+    uint64_t now = tly_now_ms ();
+    tly_event more[3] = {
+        e2e_event ("race-cust", "calls", "after-0", 1, now),
+        e2e_event ("race-cust", "calls", "after-1", 1, now),
+        e2e_event ("race-cust", "calls", "after-2", 0, now),
+    };
+    ingest_raw (&fx, more, 2);
+    E2E_OK (&fx.r);
+    for (size_t i = 0; i < 2; i++) {
+        char path[32];
+        snprintf (path, sizeof path, "results.%zu.code", i);
+        if (!e2e_str_is (&fx.r.body, path, "quota_exceeded")) {
+            fprintf (stderr, "after restart: expected quota_exceeded in %s\n", e2e_reply_json (&fx.r));
+            fail ();
+        }
+    }
+    //  qty 0 never takes the sum past the limit
+    ingest_raw (&fx, more + 2, 1);
+    expect_all (&fx.r, 1, "accepted");
+    //  an accepted event again is a duplicate, and does not count
+    for (int i = 0; i < THREADS; i++)
+        for (size_t k = 0; k < EACH; k++)
+            if (p[i].results[k].status == TLY_ACCEPTED) {
+                ingest_raw (&fx, &p[i].events[k], 1);
+                expect_all (&fx.r, 1, "duplicate");
+                i = THREADS;
+                break;
+            }
+    expect_quota (&fx, "race-cust", "calls", LIMIT, LIMIT);
+
+    //  raising the limit by 2 lets exactly 2 more in
+    set_quota (&fx, "race-cust", "calls", "1002");
+    tly_event three[3] = {
+        e2e_event ("race-cust", "calls", "raise-0", 1, now),
+        e2e_event ("race-cust", "calls", "raise-1", 1, now),
+        e2e_event ("race-cust", "calls", "raise-2", 1, now),
+    };
+    ingest_raw (&fx, three, 3);
+    E2E_OK (&fx.r);
+    assert_string_equal (status_at (&fx.r, 0), "accepted");
+    assert_string_equal (status_at (&fx.r, 1), "accepted");
+    assert_string_equal (status_at (&fx.r, 2), "rejected");
+    expect_quota (&fx, "race-cust", "calls", 1002, 1002);
+
+    //  a removed limit stays removed across a restart
+    set_quota (&fx, "race-cust", "calls", "null");
+    e2e_conn_destroy (&fx.api);
+    e2e_conn_destroy (&fx.ctl);
+    assert_int_equal (e2e_server_stop (fx.srv), 0);
+    assert_int_equal (e2e_server_start (fx.srv), TLY_OK);
+    fx.api = e2e_conn_new (fx.srv->api);
+    fx.ctl = e2e_conn_new (fx.srv->control);
+    uint64_t l, u;
+    assert_false (quota_of (&fx, "race-cust", "calls", &l, &u));
+    ingest_raw (&fx, three + 2, 1);
+    expect_all (&fx.r, 1, "accepted");
+    for (int i = 0; i < THREADS; i++)
+        e2e_pusher_free (&p[i]);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+//  Fills (customer, meter) exactly to `limit`, then one more unit fails.
+static void
+fill_to (fixture *fx, const char *customer, const char *meter, uint64_t limit, const char *tag)
+{
+    uint64_t now = tly_now_ms ();
+    char k1[32], k2[32];
+    snprintf (k1, sizeof k1, "%s-fill", tag);
+    snprintf (k2, sizeof k2, "%s-over", tag);
+    tly_event ev[2] = {
+        e2e_event (customer, meter, k1, limit, now),
+        e2e_event (customer, meter, k2, 1, now),
+    };
+    ingest_raw (fx, ev, 2);
+    E2E_OK (&fx->r);
+    if (strcmp (status_at (&fx->r, 0), "accepted") != 0
+        || !e2e_str_is (&fx->r.body, "results.1.code", "quota_exceeded")) {
+        fprintf (stderr, "%s/%s with limit %llu: %s\n", customer, meter,
+                 (unsigned long long) limit, e2e_reply_json (&fx->r));
+        fail ();
+    }
+}
+
+//  The most specific limit applies: exact customer over "*", then exact
+//  meter over "*".
+static void
+test_quota_precedence (void **state)
+{
+    (void) state;
+    fixture fx;
+    fx_start (&fx);
+    set_quota (&fx, "*", "*", "2");
+    set_quota (&fx, "*", "disk", "5");
+    set_quota (&fx, "acme", "*", "10");
+    set_quota (&fx, "acme", "disk", "20");
+
+    fill_to (&fx, "acme", "disk", 20, "a1");     //  (acme, disk)
+    fill_to (&fx, "acme", "cpu", 10, "a2");      //  (acme, *)
+    fill_to (&fx, "bolt", "disk", 5, "b1");      //  (*, disk)
+    fill_to (&fx, "bolt", "cpu", 2, "b2");       //  (*, *)
+    fill_to (&fx, "cole", "net", 2, "c1");       //  (*, *), per customer
+    fill_to (&fx, "bolt", "net", 2, "b3");       //  (*, *), per meter
+
+    //  an event over the limit on its own is rejected whole
+    uint64_t now = tly_now_ms ();
+    tly_event big = e2e_event ("dyne", "disk", "big", 6, now);
+    ingest_raw (&fx, &big, 1);
+    assert_true (e2e_str_is (&fx.r.body, "results.0.code", "quota_exceeded"));
+    //  another month is another period
+    tly_event past = e2e_event ("acme", "disk", "past", 20, 1577836800000u);
+    ingest_raw (&fx, &past, 1);
+    expect_all (&fx.r, 1, "accepted");
+
+    expect_quota (&fx, "acme", "disk", 20, 20);
+    expect_quota (&fx, "bolt", "disk", 5, 5);
+
+    //  removing the exact limit falls back to the next most specific
+    set_quota (&fx, "acme", "disk", "null");
+    tly_event more = e2e_event ("acme", "disk", "after-removal", 1, now);
+    ingest_raw (&fx, &more, 1);
+    assert_true (e2e_str_is (&fx.r.body, "results.0.code", "quota_exceeded"));   //  20 > 10
+
+    //  all of it survives a restart
+    e2e_conn_destroy (&fx.api);
+    e2e_conn_destroy (&fx.ctl);
+    assert_int_equal (e2e_server_stop (fx.srv), 0);
+    assert_int_equal (e2e_server_start (fx.srv), TLY_OK);
+    fx.api = e2e_conn_new (fx.srv->api);
+    fx.ctl = e2e_conn_new (fx.srv->control);
+    tly_event again[3] = {
+        e2e_event ("bolt", "cpu", "restart-1", 1, now),
+        e2e_event ("bolt", "disk", "restart-2", 1, now),
+        e2e_event ("acme", "cpu", "restart-3", 1, now),
+    };
+    ingest_raw (&fx, again, 3);
+    E2E_OK (&fx.r);
+    for (size_t i = 0; i < 3; i++) {
+        char path[32];
+        snprintf (path, sizeof path, "results.%zu.code", i);
+        if (!e2e_str_is (&fx.r.body, path, "quota_exceeded")) {
+            fprintf (stderr, "after restart: expected quota_exceeded in %s\n", e2e_reply_json (&fx.r));
+            fail ();
+        }
+    }
+    set_quota (&fx, "*", "*", "100");
+    tly_event one = e2e_event ("bolt", "cpu", "restart-4", 1, now);
+    ingest_raw (&fx, &one, 1);
+    expect_all (&fx.r, 1, "accepted");
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+//  Clients racing with the same keys: each key is recorded once; the
+//  others get duplicate (same event) or conflict (different qty), naming
+//  the one seq that won.
+static void
+test_same_keys_race (void **state)
+{
+    (void) state;
+    fixture fx;
+    fx_start (&fx);
+    enum { RACERS = 6, KEYS = 600 };
+    e2e_pusher p[RACERS];
+    uint64_t ts = tly_now_ms ();
+    for (int i = 0; i < RACERS; i++) {
+        assert_int_equal (e2e_pusher_init (&p[i], fx.srv->api, fx.srv->pk, "same-cust", "m",
+                                           "same", KEYS, 3 + 4 * (size_t) i), TLY_OK);
+        p[i].ts = ts;
+        p[i].qty = i < 4 ? 1 : 2;         //  racers 4 and 5 conflict with 0..3
+        p[i].timeout_ms = 20000;
+    }
+    for (int i = 0; i < RACERS; i++) {
+        assert_int_equal (e2e_pusher_start (&p[i]), TLY_OK);
+        s_running = p;
+        s_nrunning = i + 1;
+    }
+    for (int i = 0; i < RACERS; i++)
+        e2e_pusher_join (&p[i]);
+    s_nrunning = 0;
+    for (int i = 0; i < RACERS; i++) {
+        assert_string_equal (p[i].fail, "");
+        assert_int_equal (atomic_load (&p[i].done), KEYS);
+    }
+    size_t wins[RACERS] = { 0 };
+    for (size_t k = 0; k < KEYS; k++) {
+        int winner = -1;
+        for (int i = 0; i < RACERS; i++)
+            if (p[i].results[k].status == TLY_ACCEPTED) {
+                if (winner >= 0) {
+                    fprintf (stderr, "key %s accepted twice (seq %llu and %llu)\n", p[i].keys[k],
+                             (unsigned long long) p[winner].results[k].seq,
+                             (unsigned long long) p[i].results[k].seq);
+                    fail ();
+                }
+                winner = i;
+            }
+        assert_true (winner >= 0);
+        wins[winner]++;
+        uint64_t seq = p[winner].results[k].seq;
+        uint64_t wqty = p[winner].qty;
+        for (int i = 0; i < RACERS; i++) {
+            if (i == winner)
+                continue;
+            tly_result *res = &p[i].results[k];
+            tly_status want = p[i].qty == wqty ? TLY_DUPLICATE : TLY_CONFLICT;
+            if (res->status != want || res->seq != seq) {
+                fprintf (stderr, "key %s: racer %d got status %d seq %llu, expected %d seq %llu\n",
+                         p[i].keys[k], i, (int) res->status, (unsigned long long) res->seq,
+                         (int) want, (unsigned long long) seq);
+                fail ();
+            }
+            if (want == TLY_DUPLICATE)
+                assert_memory_equal (res->leaf, p[winner].results[k].leaf, 32);
+        }
+    }
+    fprintf (stderr, "keys won per racer:");
+    for (int i = 0; i < RACERS; i++)
+        fprintf (stderr, " %zu", wins[i]);
+    fprintf (stderr, "\n");
+    assert_int_equal (tree_size (&fx), KEYS);
+    for (int i = 0; i < RACERS; i++)
+        e2e_pusher_free (&p[i]);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+//  Within one request quota is judged event by event, in order;
+//  duplicates and conflicts never count.
+static void
+test_quota_in_batch (void **state)
+{
+    (void) state;
+    fixture fx;
+    fx_start (&fx);
+    set_quota (&fx, "batch-cust", "m", "10");
+    uint64_t now = tly_now_ms ();
+    tly_event evs[7] = {
+        e2e_event ("batch-cust", "m", "a", 3, now),
+        e2e_event ("batch-cust", "m", "a", 3, now),     //  duplicate
+        e2e_event ("batch-cust", "m", "b", 2, now),
+        e2e_event ("batch-cust", "m", "b", 9, now),     //  conflict
+        e2e_event ("batch-cust", "m", "c", 8, now),     //  3 + 2 + 8 > 10
+        e2e_event ("batch-cust", "m", "d", 5, now),     //  3 + 2 + 5 = 10
+        e2e_event ("batch-cust", "m", "e", 1, now),     //  11 > 10
+    };
+    ingest_raw (&fx, evs, 7);
+    E2E_OK (&fx.r);
+    static const char *const want[7] = { "accepted", "duplicate", "accepted", "conflict",
+                                         "rejected", "accepted", "rejected" };
+    for (size_t i = 0; i < 7; i++)
+        if (strcmp (status_at (&fx.r, i), want[i]) != 0) {
+            fprintf (stderr, "result %zu: expected %s in %s\n", i, want[i], e2e_reply_json (&fx.r));
+            fail ();
+        }
+    assert_true (e2e_str_is (&fx.r.body, "results.4.code", "quota_exceeded"));
+    assert_true (e2e_str_is (&fx.r.body, "results.6.code", "quota_exceeded"));
+    expect_quota (&fx, "batch-cust", "m", 10, 10);
+    //  the rejected events may come back once there is room
+    set_quota (&fx, "batch-cust", "m", "19");
+    ingest_raw (&fx, evs + 4, 3);
+    E2E_OK (&fx.r);
+    assert_string_equal (status_at (&fx.r, 0), "accepted");
+    assert_string_equal (status_at (&fx.r, 1), "duplicate");
+    assert_string_equal (status_at (&fx.r, 2), "accepted");
+    expect_quota (&fx, "batch-cust", "m", 19, 19);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+static bool
+verified_since (fixture *fx, uint64_t since)
+{
+    uint64_t at = 0;
+    return e2e_callf (fx->ctl, &fx->r, "{'op':'status'}") == TLY_OK && fx->r.ok
+           && e2e_uint (&fx->r.body, "verification.at", &at) && at > since;
+}
+
+//  --verify-interval is a promise: the scrubber completes passes however
+//  often an operator (or a monitoring system) asks for status.
+static void
+test_status_polling_does_not_starve_scrubber (void **state)
+{
+    (void) state;
+    fixture fx;
+    fx_start (&fx);          //  --verify-interval 2
+    tly_event ev = e2e_event ("poll-cust", "m", "p0", 1, tly_now_ms ());
+    ingest_raw (&fx, &ev, 1);
+    E2E_OK (&fx.r);
+    uint64_t since = tly_now_ms ();
+    bool ok;
+    E2E_POLL_EVERY (ok, 3 * 1000 * VERIFY_S + 2000, 20, verified_since (&fx, since));
+    if (!ok)
+        fprintf (stderr, "no verification pass completed in %d s while status was polled "
+                 "every 20 ms: %s\n", 3 * VERIFY_S + 2, e2e_reply_json (&fx.r));
+    assert_true (ok);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+//  A --config file is read (flags still win), and SIGINT stops cleanly.
+static void
+test_config_file (void **state)
+{
+    (void) state;
+    e2e_server *srv = e2e_server_create (VERIFY_S);
+    assert_non_null (srv);
+    char path[256];
+    snprintf (path, sizeof path, "%s/tallyd.cfg", srv->dir);
+    FILE *f = fopen (path, "w");
+    assert_non_null (f);
+    //  api and control here are overridden by the helper's flags
+    fprintf (f, "tallyd\n"
+                "    api = \"tcp://127.0.0.1:1\"\n"
+                "    control = \"tcp://127.0.0.1:2\"\n"
+                "    request_max_mb = 1\n"
+                "supervisor\n"
+                "    strategy = \"rest_for_one\"\n"
+                "    intensity = 7\n"
+                "    period = 40\n");
+    fclose (f);
+    snprintf (srv->extra_args[0], sizeof srv->extra_args[0], "--config");
+    snprintf (srv->extra_args[1], sizeof srv->extra_args[1], "%s", path);
+    assert_int_equal (e2e_server_start (srv), TLY_OK);
+
+    e2e_conn *ctl = e2e_conn_new (srv->control);
+    e2e_conn *api = e2e_conn_new (srv->api);
+    e2e_reply r;
+    e2e_reply_init (&r);
+    assert_int_equal (e2e_callf (ctl, &r, "{'op':'status'}"), TLY_OK);
+    E2E_OK (&r);
+    uint64_t v;
+    assert_true (e2e_str_is (&r.body, "strategy", "rest_for_one"));
+    assert_true (e2e_uint (&r.body, "intensity", &v) && v == 7);
+    assert_true (e2e_uint (&r.body, "period", &v) && v == 40);
+
+    //  request_max_mb = 1: 1 MiB + 1 byte is too_large
+    size_t max = 1024 * 1024;
+    tly_buf body;
+    tly_buf_init (&body);
+    static const uint8_t head[] = { 0x82, 0xa2, 'o', 'p', 0xa3, 's', 't', 'h',
+                                    0xa3, 'p', 'a', 'd', 0xc6 };
+    size_t bin = max + 1 - sizeof head - 4;
+    tly_buf_append (&body, head, sizeof head);
+    uint8_t be[4] = { 0, (uint8_t) (bin >> 16), (uint8_t) (bin >> 8), (uint8_t) bin };
+    tly_buf_append (&body, be, 4);
+    assert_int_equal (tly_buf_reserve (&body, bin), TLY_OK);
+    memset (body.data + body.len, 0, bin);
+    body.len += bin;
+    assert_int_equal (e2e_conn_call (api, body.data, body.len, 15000, &r), TLY_OK);
+    E2E_ERR (&r, "too_large");
+    assert_true (e2e_answers_sth (srv->api, 5000));
+    tly_buf_free (&body);
+    e2e_reply_free (&r);
+    e2e_conn_destroy (&ctl);
+    e2e_conn_destroy (&api);
+    assert_int_equal (e2e_server_stop_with (srv, SIGINT), 0);
+    assert_int_equal (e2e_server_destroy (&srv), 0);
+    e2e_pass ();
+}
+
+int
+main (void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown (test_children_and_status, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_terminate_and_restart, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_restart_under_load, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_quota_race_and_restart, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_quota_precedence, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_same_keys_race, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_quota_in_batch, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_config_file, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_status_polling_does_not_starve_scrubber,
+                                         e2e_setup, fx_teardown),
+    };
+    return cmocka_run_group_tests_name ("e2e_control", tests, NULL, e2e_group_teardown);
+}
