@@ -274,13 +274,42 @@ op_get (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpack_
     reply_send (self, env, &self->out);
 }
 
+/*  Computes and sends an inclusion proof of leaf a in the tree of size b,
+    or a consistency proof between sizes a and b, with the head for b. */
 static void
-pack_path (msgpack_packer *pk, uint8_t path[][TLY_HASH_LEN], size_t n)
+reply_proof (ingest_t *self, zmsg_t **env, const msgpack_object *id, bool consistency,
+             uint64_t a, uint64_t b)
 {
-    tly_pack_cstr (pk, "path");
-    msgpack_pack_array (pk, (uint32_t) n);
+    uint8_t path[TLY_PATH_MAX][TLY_HASH_LEN];
+    size_t n;
+    tly_sth sth;
+    int rc = consistency
+           ? tly_merkle_consistency (tly_reader_node, self->reader, a, b, path, &n)
+           : tly_merkle_inclusion (tly_reader_node, self->reader, a, b, path, &n);
+    if (!rc)
+        rc = sth_for (self, b, &sth);
+    if (rc) {
+        tly_error (WHO, "%s proof %llu/%llu failed: %s; run `tally ctl verify`",
+                   consistency ? "consistency" : "inclusion", (unsigned long long) a,
+                   (unsigned long long) b, tly_strerror (rc));
+        reply_error (self, env, id, "internal", "the proof could not be computed");
+        return;
+    }
+    msgpack_packer pk;
+    tly_buf_reset (&self->out);
+    tly_buf_packer (&self->out, &pk);
+    tly_reply_head (&pk, true, id, 4);
+    tly_pack_cstr (&pk, consistency ? "from" : "seq");
+    msgpack_pack_uint64 (&pk, a);
+    tly_pack_cstr (&pk, consistency ? "to" : "tree_size");
+    msgpack_pack_uint64 (&pk, b);
+    tly_pack_cstr (&pk, "path");
+    msgpack_pack_array (&pk, (uint32_t) n);
     for (size_t i = 0; i < n; i++)
-        tly_pack_bin (pk, path[i], TLY_HASH_LEN);
+        tly_pack_bin (&pk, path[i], TLY_HASH_LEN);
+    tly_pack_cstr (&pk, "sth");
+    tly_sth_pack (&sth, &pk);
+    reply_send (self, env, &self->out);
 }
 
 static void
@@ -298,30 +327,7 @@ op_proof (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpac
                                                  "tree_size at most the log's size");
         return;
     }
-    uint8_t path[TLY_PATH_MAX][TLY_HASH_LEN];
-    size_t n;
-    tly_sth sth;
-    rc = tly_merkle_inclusion (tly_reader_node, self->reader, seq, size, path, &n);
-    if (!rc)
-        rc = sth_for (self, size, &sth);
-    if (rc) {
-        tly_error (WHO, "proof for %llu in %llu failed: %s; run `tally ctl verify`",
-                   (unsigned long long) seq, (unsigned long long) size, tly_strerror (rc));
-        reply_error (self, env, id, "internal", "the proof could not be computed");
-        return;
-    }
-    msgpack_packer pk;
-    tly_buf_reset (&self->out);
-    tly_buf_packer (&self->out, &pk);
-    tly_reply_head (&pk, true, id, 4);
-    tly_pack_cstr (&pk, "seq");
-    msgpack_pack_uint64 (&pk, seq);
-    tly_pack_cstr (&pk, "tree_size");
-    msgpack_pack_uint64 (&pk, size);
-    pack_path (&pk, path, n);
-    tly_pack_cstr (&pk, "sth");
-    tly_sth_pack (&sth, &pk);
-    reply_send (self, env, &self->out);
+    reply_proof (self, env, id, false, seq, size);
 }
 
 static void
@@ -335,30 +341,7 @@ op_consistency (ingest_t *self, zmsg_t **env, const msgpack_object *body,
                      "0 < from <= to <= the log's size");
         return;
     }
-    uint8_t path[TLY_PATH_MAX][TLY_HASH_LEN];
-    size_t n;
-    tly_sth sth;
-    int rc = tly_merkle_consistency (tly_reader_node, self->reader, from, to, path, &n);
-    if (!rc)
-        rc = sth_for (self, to, &sth);
-    if (rc) {
-        tly_error (WHO, "consistency %llu..%llu failed: %s; run `tally ctl verify`",
-                   (unsigned long long) from, (unsigned long long) to, tly_strerror (rc));
-        reply_error (self, env, id, "internal", "the proof could not be computed");
-        return;
-    }
-    msgpack_packer pk;
-    tly_buf_reset (&self->out);
-    tly_buf_packer (&self->out, &pk);
-    tly_reply_head (&pk, true, id, 4);
-    tly_pack_cstr (&pk, "from");
-    msgpack_pack_uint64 (&pk, from);
-    tly_pack_cstr (&pk, "to");
-    msgpack_pack_uint64 (&pk, to);
-    pack_path (&pk, path, n);
-    tly_pack_cstr (&pk, "sth");
-    tly_sth_pack (&sth, &pk);
-    reply_send (self, env, &self->out);
+    reply_proof (self, env, id, true, from, to);
 }
 
 /* ---- ingest ---- */
