@@ -5,7 +5,8 @@
          canonical leaf carrying its own seq;
       2. nodes: each stored interior node is the hash of its two children;
       3. dedup: each idempotency record names an entry whose (customer, key)
-         hashes to the record's key;
+         hashes to the record's key, and each run's Bloom filter says
+         "maybe" for every key of the run;
       4. heads: each stored signed tree head verifies with log.pub and its
          root equals the root recomputed from the stored nodes.
     Passes run in slices between heartbeats, paced so that a full pass takes
@@ -41,7 +42,7 @@ typedef struct {
     uint64_t size;                  /* tree size when the pass began */
     uint64_t pos;                   /* entries / sth position */
     unsigned level;                 /* nodes: current level */
-    uint8_t dedup_last[TLY_DEDUP_LEN];
+    uint8_t dedup_last[TLY_DEDUP_POS_LEN];
     bool dedup_started;
     uint64_t checked;
     char error[256];
@@ -173,6 +174,10 @@ check_dedup (recon_t *self, size_t budget)
     int rc = tly_reader_dedup_scan (self->reader, self->dedup_started ? self->dedup_last : NULL,
                                     budget, check_dedup_one, self, self->dedup_last, &done);
     self->dedup_started = true;
+    if (rc == TLY_ECORRUPT && !self->error[0])
+        fail (self, "the idempotency index is corrupt: a malformed record, or a run whose "
+                    "Bloom filter is missing or denies one of the run's keys");
+    else
     if (rc && !self->error[0])
         fail (self, "the idempotency index cannot be read (%s)", tly_strerror (rc));
     if (done) {

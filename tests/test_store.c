@@ -1,5 +1,6 @@
 /*  test_store.c -- the LMDB ledger: append, commit, abort, reopen, reads at
-    any historical size, and refusing a ledger whose head does not match. */
+    any historical size, and refusing a ledger whose head does not match;
+    the LSM dedup index (L0, runs, Bloom filters, merges) with a tiny L0. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -8,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include <lmdb.h>
 #include <sodium.h>
 #include "tally/event.h"
 #include "tally/store.h"
@@ -184,12 +186,373 @@ test_empty_store (void **state)
     assert_int_equal (tly_store_open ("/proc/no/such/dir", 1 << 26, &s, &why), TLY_EIO);
 }
 
+/* ---- the dedup index as an LSM tree, with a tiny L0 ---- */
+
+#define LSM_L0    512
+#define LSM_KEYS  50000
+
+static void
+dedup_of (tly_store *s, char prefix, int i, uint8_t out[TLY_DEDUP_LEN])
+{
+    char key[16];
+    snprintf (key, sizeof key, "%c%d", prefix, i);
+    tly_store_dedup_hash (s, &(tly_str) { "c", 1 }, &(tly_str) { key, (uint32_t) strlen (key) },
+                          out);
+}
+
+/*  Appends key "k<i>" as the next entry (seq == i when keys go in order). */
+static int
+append_key (tly_writer *w, tly_store *s, int i)
+{
+    char key[16];
+    snprintf (key, sizeof key, "k%d", i);
+    tly_event ev = { .customer = { "c", 1 }, .meter = { "m", 1 },
+                     .key = { key, (uint32_t) strlen (key) }, .qty = 1, .ts = 1 };
+    tly_buf tail, leaf;
+    tly_buf_init (&tail);
+    tly_buf_init (&leaf);
+    assert_int_equal (tly_event_encode_tail (&ev, &tail), TLY_OK);
+    assert_int_equal (tly_leaf_encode (tly_writer_next_seq (w), 5, "usage", tail.data, tail.len,
+                                       &leaf), TLY_OK);
+    uint8_t dedup[TLY_DEDUP_LEN], hash[32];
+    dedup_of (s, 'k', i, dedup);
+    int rc = tly_writer_append (w, leaf.data, leaf.len, dedup, hash);
+    tly_buf_free (&tail);
+    tly_buf_free (&leaf);
+    return rc;
+}
+
+/*  Every key k0..k<n-1> is found at its seq by the reader (fresh snapshot)
+    and by the writer (inside a txn that is then aborted). */
+static void
+check_all_found (tly_store *s, tly_writer *w, tly_reader *r, int n)
+{
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    assert_int_equal (tly_writer_begin (w), TLY_OK);
+    for (int i = 0; i < n; i++) {
+        uint8_t d[TLY_DEDUP_LEN];
+        uint64_t seq = UINT64_MAX;
+        dedup_of (s, 'k', i, d);
+        assert_int_equal (tly_reader_lookup (r, d, &seq), TLY_OK);
+        assert_int_equal (seq, (uint64_t) i);
+        seq = UINT64_MAX;
+        assert_int_equal (tly_writer_lookup (w, d, &seq), TLY_OK);
+        assert_int_equal (seq, (uint64_t) i);
+    }
+    tly_writer_abort (w);
+    tly_reader_end (r);
+}
+
+typedef struct {
+    uint8_t *seen;
+    tly_store *store;
+    uint64_t n, visits;
+} scan_ctx;
+
+static int
+scan_one (void *arg, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq)
+{
+    scan_ctx *c = arg;
+    uint8_t want[TLY_DEDUP_LEN];
+    assert_true (seq < c->n);
+    dedup_of (c->store, 'k', (int) seq, want);
+    assert_memory_equal (dedup, want, TLY_DEDUP_LEN);
+    c->seen[seq]++;
+    c->visits++;
+    return TLY_OK;
+}
+
+/*  Scans the whole index in slices; returns the scan's status. */
+static int
+scan_all (tly_store *s, tly_reader *r, uint64_t n, size_t slice, uint64_t *visits)
+{
+    scan_ctx c = { .seen = calloc (n ? n : 1, 1), .store = s, .n = n };
+    uint8_t pos[TLY_DEDUP_POS_LEN];
+    bool started = false, done = false;
+    int rc = TLY_OK;
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    while (!done && !rc) {
+        rc = tly_reader_dedup_scan (r, started ? pos : NULL, slice, scan_one, &c, pos, &done);
+        started = true;
+    }
+    tly_reader_end (r);
+    if (!rc)
+        for (uint64_t i = 0; i < n; i++)
+            assert_int_equal (c.seen[i], 1);
+    *visits = c.visits;
+    free (c.seen);
+    return rc;
+}
+
+static size_t
+live_runs (tly_reader *r)
+{
+    size_t runs;
+    uint64_t probes;
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    tly_reader_dedup_stats (r, &runs, &probes);
+    tly_reader_end (r);
+    return runs;
+}
+
+static void
+test_dedup_lsm (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    tly_writer *w;
+    tly_reader *r;
+    const char *why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 28, &s, &why), TLY_OK);
+    tly_store_set_l0_max (s, LSM_L0);
+    assert_int_equal (tly_writer_open (s, f->pk, &w, &why), TLY_OK);
+    assert_int_equal (tly_reader_new (s, &r), TLY_OK);
+
+    /*  Commits of varying size: L0 fills over several commits, flushes,
+        and runs merge through several tiers (8 * 8 flushes of ~512). */
+    int n = 0;
+    size_t max_runs = 0;
+    for (int c = 0; n < LSM_KEYS; c++) {
+        int group = 50 + (c * 137) % 700;
+        if (n + group > LSM_KEYS)
+            group = LSM_KEYS - n;
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        for (int i = 0; i < group; i++, n++) {
+            assert_int_equal (append_key (w, s, n), TLY_OK);
+            /*  In L0, in this txn: refused. */
+            assert_int_equal (append_key (w, s, n), TLY_EEXIST);
+        }
+        /*  Keys in older runs: refused too (not only L0's NOOVERWRITE). */
+        assert_int_equal (append_key (w, s, (c * 7919) % n), TLY_EEXIST);
+        assert_int_equal (append_key (w, s, 0), TLY_EEXIST);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+        size_t runs = live_runs (r);
+        if (runs > max_runs)
+            max_runs = runs;
+    }
+    /*  50000 / 512 ~ 97 flushes: tiers 0, 1 and 2 merged; a bounded list. */
+    size_t runs_now = live_runs (r);
+    assert_true (runs_now >= 2);
+    assert_true (max_runs <= 3 * 8);
+    check_all_found (s, w, r, n);
+
+    /*  Every key in every run is refused, wherever it lives now. */
+    assert_int_equal (tly_writer_begin (w), TLY_OK);
+    for (int i = 0; i < n; i += 97)
+        assert_int_equal (append_key (w, s, i), TLY_EEXIST);
+    tly_writer_abort (w);
+
+    /*  Absent keys are not found, and the filters keep probes rare. */
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    int absent = 20000;
+    for (int i = 0; i < absent; i++) {
+        uint8_t d[TLY_DEDUP_LEN];
+        uint64_t seq;
+        dedup_of (s, 'x', i, d);
+        assert_int_equal (tly_reader_lookup (r, d, &seq), TLY_ENOTFOUND);
+    }
+    size_t runs;
+    uint64_t probes;
+    tly_reader_dedup_stats (r, &runs, &probes);
+    double fp = (double) probes / ((double) absent * (double) runs);
+    print_message ("dedup LSM: %zu runs (max %zu), false-positive rate per run %.4f\n",
+                   runs, max_runs, fp);
+    assert_true (fp < 0.02);
+    tly_reader_end (r);
+
+    /*  The scrubber's scan visits every record exactly once. */
+    uint64_t visits;
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 777, &visits), TLY_OK);
+    assert_int_equal (visits, (uint64_t) n);
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 1, &visits), TLY_OK);
+
+    /*  Abort after a flush (and whatever merge it triggers): nothing
+        changed. */
+    assert_int_equal (tly_writer_begin (w), TLY_OK);
+    for (int i = 0; i < 8 * LSM_L0; i++)
+        assert_int_equal (append_key (w, s, n + i), TLY_OK);
+    assert_int_equal (tly_writer_compact (w), TLY_OK);
+    /*  Inside the txn, the new layout answers. */
+    for (int i = 0; i < n + 8 * LSM_L0; i += 13) {
+        uint8_t d[TLY_DEDUP_LEN];
+        uint64_t seq;
+        dedup_of (s, 'k', i, d);
+        assert_int_equal (tly_writer_lookup (w, d, &seq), TLY_OK);
+        assert_int_equal (seq, (uint64_t) i);
+    }
+    assert_int_equal (append_key (w, s, n + 5), TLY_EEXIST);
+    tly_writer_abort (w);
+    assert_int_equal (tly_writer_next_seq (w), (uint64_t) n);
+    assert_int_equal (live_runs (r), runs_now);
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    for (int i = 0; i < 8 * LSM_L0; i++) {
+        uint8_t d[TLY_DEDUP_LEN];
+        uint64_t seq;
+        dedup_of (s, 'k', n + i, d);
+        assert_int_equal (tly_reader_lookup (r, d, &seq), TLY_ENOTFOUND);
+    }
+    tly_reader_end (r);
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 5000, &visits), TLY_OK);
+    assert_int_equal (visits, (uint64_t) n);
+    check_all_found (s, w, r, n);
+
+    /*  Reopen: everything is found, and appends (and merges) go on. */
+    tly_reader_destroy (&r);
+    tly_writer_destroy (&w);
+    tly_store_close (&s);
+    assert_int_equal (tly_store_open (f->dir, 1 << 28, &s, &why), TLY_OK);
+    tly_store_set_l0_max (s, LSM_L0);
+    assert_int_equal (tly_writer_open (s, f->pk, &w, &why), TLY_OK);
+    assert_int_equal (tly_reader_new (s, &r), TLY_OK);
+    check_all_found (s, w, r, n);
+    for (int c = 0; c < 10; c++) {
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        for (int i = 0; i < 600; i++, n++)
+            assert_int_equal (append_key (w, s, n), TLY_OK);
+        assert_int_equal (append_key (w, s, 3), TLY_EEXIST);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+    }
+    check_all_found (s, w, r, n);
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 4096, &visits), TLY_OK);
+    assert_int_equal (visits, (uint64_t) n);
+    tly_reader_destroy (&r);
+    tly_writer_destroy (&w);
+    tly_store_close (&s);
+
+    /*  A flipped-off Bloom filter would hide its run's keys from lookups:
+        the scrubber's scan must report it. */
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi blooms;
+    char path[128];
+    snprintf (path, sizeof path, "%s/ledger", f->dir);
+    assert_int_equal (mdb_env_create (&env), 0);
+    assert_int_equal (mdb_env_set_maxdbs (env, 8), 0);
+    assert_int_equal (mdb_env_set_mapsize (env, 1 << 28), 0);
+    assert_int_equal (mdb_env_open (env, path, MDB_NOTLS, 0644), 0);
+    assert_int_equal (mdb_txn_begin (env, NULL, 0, &txn), 0);
+    assert_int_equal (mdb_dbi_open (txn, "blooms", 0, &blooms), 0);
+    MDB_cursor *cur;
+    MDB_val k, v;
+    assert_int_equal (mdb_cursor_open (txn, blooms, &cur), 0);
+    assert_int_equal (mdb_cursor_get (cur, &k, &v, MDB_FIRST), 0);
+    uint8_t *zeroed = calloc (1, v.mv_size);
+    memcpy (zeroed, v.mv_data, 8);              /* keep the header */
+    uint8_t key[4];
+    memcpy (key, k.mv_data, 4);
+    MDB_val k2 = { 4, key }, v2 = { v.mv_size, zeroed };
+    mdb_cursor_close (cur);
+    assert_int_equal (mdb_put (txn, blooms, &k2, &v2, 0), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+    free (zeroed);
+    assert_int_equal (tly_store_open (f->dir, 1 << 28, &s, &why), TLY_OK);
+    assert_int_equal (tly_reader_new (s, &r), TLY_OK);
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 1000, &visits), TLY_ECORRUPT);
+    tly_reader_destroy (&r);
+    tly_store_close (&s);
+}
+
+/*  With the smallest L0: 7 runs of tier 0, then a txn that flushes an
+    eighth and merges all 8 is aborted: the 7 runs are still there, and
+    inside the txn the merged run already answers. */
+static void
+test_dedup_abort_merge (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    tly_writer *w;
+    tly_reader *r;
+    const char *why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+    tly_store_set_l0_max (s, 16);
+    assert_int_equal (tly_writer_open (s, f->pk, &w, &why), TLY_OK);
+    assert_int_equal (tly_reader_new (s, &r), TLY_OK);
+    int n = 0;
+    for (int c = 0; c < 7; c++) {
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        for (int i = 0; i < 16; i++, n++)
+            assert_int_equal (append_key (w, s, n), TLY_OK);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+    }
+    assert_int_equal (live_runs (r), 7);
+    check_all_found (s, w, r, n);
+
+    assert_int_equal (tly_writer_begin (w), TLY_OK);
+    for (int i = 0; i < 16; i++)
+        assert_int_equal (append_key (w, s, n + i), TLY_OK);
+    assert_int_equal (tly_writer_compact (w), TLY_OK);
+    for (int i = 0; i < n + 16; i++) {
+        uint8_t d[TLY_DEDUP_LEN];
+        uint64_t seq;
+        dedup_of (s, 'k', i, d);
+        assert_int_equal (tly_writer_lookup (w, d, &seq), TLY_OK);
+        assert_int_equal (seq, (uint64_t) i);
+        assert_int_equal (append_key (w, s, i), TLY_EEXIST);
+    }
+    /*  A reader in the meantime still sees the old layout. */
+    assert_int_equal (live_runs (r), 7);
+    tly_writer_abort (w);
+
+    assert_int_equal (live_runs (r), 7);
+    check_all_found (s, w, r, n);
+    uint64_t visits;
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 10, &visits), TLY_OK);
+    assert_int_equal (visits, (uint64_t) n);
+
+    /*  The same work committed: one merged run of 128 keys. */
+    assert_int_equal (tly_writer_begin (w), TLY_OK);
+    for (int i = 0; i < 16; i++, n++)
+        assert_int_equal (append_key (w, s, n), TLY_OK);
+    assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+    assert_int_equal (live_runs (r), 1);
+    check_all_found (s, w, r, n);
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 10, &visits), TLY_OK);
+    assert_int_equal (visits, (uint64_t) n);
+    tly_reader_destroy (&r);
+    tly_writer_destroy (&w);
+    tly_store_close (&s);
+}
+
+/*  A format-1 ledger (single-table dedup index) is refused, clearly. */
+static void
+test_refuse_format_1 (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    const char *why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+    tly_store_close (&s);
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi meta;
+    char path[128];
+    snprintf (path, sizeof path, "%s/ledger", f->dir);
+    assert_int_equal (mdb_env_create (&env), 0);
+    assert_int_equal (mdb_env_set_maxdbs (env, 8), 0);
+    assert_int_equal (mdb_env_set_mapsize (env, 1 << 26), 0);
+    assert_int_equal (mdb_env_open (env, path, MDB_NOTLS, 0644), 0);
+    assert_int_equal (mdb_txn_begin (env, NULL, 0, &txn), 0);
+    assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
+    MDB_val k = { 6, "format" }, v = { 1, "1" };
+    assert_int_equal (mdb_put (txn, meta, &k, &v, 0), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+    why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_EINVAL);
+    assert_non_null (why);
+    assert_non_null (strstr (why, "format"));
+}
+
 int
 main (void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown (test_append_commit_read, setup, teardown),
         cmocka_unit_test_setup_teardown (test_empty_store, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_lsm, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_abort_merge, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_refuse_format_1, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);
 }

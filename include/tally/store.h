@@ -6,16 +6,42 @@
       nodes    post-order number (u64 key)     -> 32-byte perfect-subtree hash
                (node (level, index) is the 2m - popcount(m) + level'th node
                completed, m = ((index + 1) << level) - 1: appends only)
-      dedup    16-byte keyed BLAKE2b of (customer, key) -> seq (u64)
+      dedup    16-byte keyed BLAKE2b of (customer, key) -> seq (u64): "L0",
+               the most recent keys only (see below)
+      runs     run id (u32 big-endian) || dedup (16 B)     -> seq (u64)
+      blooms   run id (u32 big-endian) -> count (u32) || nblocks (u32) ||
+               nblocks * 64 B of blocked Bloom filter (host byte order)
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
-      meta     "format" -> "1", "dedup_key" -> 32 random bytes
+      meta     "format" -> "2", "dedup_key" -> 32 random bytes
+
+    The deduplication index is a small LSM tree, so that what a commit
+    writes stays proportional to the commit, and sequential, at any index
+    size (a single table keyed by random hashes dirties nearly every one of
+    its pages per commit once it is large):
+      - appends put their key into L0 (random writes, but L0 stays small);
+      - when a commit finds L0 holding >= l0_max keys (16384; env
+        TALLY_L0_MAX or tly_store_set_l0_max), it walks L0 in key order into
+        a new sorted run with MDB_APPEND, stores the run's Bloom filter
+        (12 bits per key; one 64-byte block picked by dedup bytes 0..7, 7
+        bits in it from bytes 8..15: ~0.5% false positives) and empties L0;
+      - when MERGE_FANIN (8) runs of one tier exist (tier t: about
+        l0_max * 8^t keys), the same commit merges them into a new run
+        and deletes them.  So O(8 log8 (N / l0_max)) runs live at a time.
+    Run ids only grow (a new run gets one above every live run): "runs" and
+    "blooms" only ever receive appends.  A key lives in exactly one place
+    (L0 or one run); a lookup asks L0, then each run newest first whose
+    filter says "maybe".  All of it happens in the writer's txn, so a crash
+    or an abort leaves the old layout and readers see a consistent one.
+    Format 1 (dedup only) data dirs are refused by tly_store_open.
 
     Every appended entry, its nodes, its dedup record and the commit's signed
     head land in one LMDB transaction, fsync'd before the commit returns:
     after a crash the ledger is exactly some committed prefix.  Every stored
     byte is covered by a hash the scrubber can check: leaves by level-0
     nodes, nodes by their children, the root by the signed head, dedup
-    records by re-hashing the entry they name.
+    records by re-hashing the entry they name; each run's Bloom filter must
+    say "maybe" for every key of its run (a flipped bit there would hide a
+    key from lookups).
 
     Threads: one writer (the receipt actor) at a time; any number of
     readers, one tly_reader per thread (the env uses MDB_NOTLS, so a reader
@@ -29,17 +55,24 @@
 #include "sth.h"
 
 #define TLY_DEDUP_LEN 16
+/*  A position in tly_reader_dedup_scan: run id (u32 BE, 0 = L0) || dedup. */
+#define TLY_DEDUP_POS_LEN (4 + TLY_DEDUP_LEN)
 
 typedef struct tly_store tly_store;
 typedef struct tly_reader tly_reader;
 typedef struct tly_writer tly_writer;
 
 /*  Opens (creating if needed) the ledger under dir/ledger with a map of
-    map_size bytes.  TLY_OK, TLY_EIO (with errno-style detail in *why). */
+    map_size bytes.  TLY_OK, TLY_EIO (with errno-style detail in *why),
+    TLY_EINVAL for a ledger of another format (see *why). */
 int tly_store_open (const char *dir, size_t map_size, tly_store **out, const char **why);
 void tly_store_close (tly_store **self_p);
 /*  Path of the LMDB data file (for operators and corruption tests). */
 const char *tly_store_data_path (tly_store *self);
+/*  How many keys L0 of the dedup index may hold before a commit moves them
+    into a sorted run (at least 16).  For tests and tuning; call before the
+    writer's next commit.  Default 16384, or env TALLY_L0_MAX at open. */
+void tly_store_set_l0_max (tly_store *self, size_t l0_max);
 
 /*  The deduplication key of (customer, key): keyed BLAKE2b-128, so nobody
     without the data dir can craft colliding pairs. */
@@ -57,6 +90,10 @@ uint64_t tly_reader_size (tly_reader *self);
 /*  Leaf bytes of seq; valid until end. TLY_ENOTFOUND past the end. */
 int tly_reader_leaf (tly_reader *self, uint64_t seq, const uint8_t **leaf, size_t *len);
 int tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq);
+/*  Live runs of the dedup index in the snapshot, and how many run reads
+    (Bloom filter said "maybe") lookups made since begin: for tests and
+    status. */
+void tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *probes);
 /*  A tly_node_fn: ctx is the reader. */
 int tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32]);
 /*  Signed head stored for exactly tree_size (TLY_ENOTFOUND if no commit
@@ -66,10 +103,17 @@ int tly_reader_sth (tly_reader *self, uint64_t tree_size, tly_sth *out);
 /*  Walks stored records for the scrubber.  Each calls fn for records with
     keys in [from, from + count) in order and stops at the first non-zero. */
 typedef int (tly_dedup_fn) (void *ctx, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq);
-/*  Dedup records after `after` (NULL: from the start), at most `count`;
-    *last gets the last key seen, *done is set at the end of the table. */
+/*  Dedup records (L0, then every run in id order) after the position
+    `after` (TLY_DEDUP_POS_LEN bytes; NULL: from the start), at most
+    `count`; *last gets the position of the last record seen, *done is set
+    after the last record.  Positions stay meaningful across snapshots: a
+    flush or merge between calls moves records into a run whose id is above
+    every position, so a pass misses none of the records it started with
+    (some may be visited twice; keys appended behind an L0 position wait
+    for the next pass, as before).  TLY_ECORRUPT if a record is malformed or its run's
+    Bloom filter is missing, malformed or denies the record's key. */
 int tly_reader_dedup_scan (tly_reader *self, const uint8_t *after, size_t count,
-                           tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_LEN],
+                           tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN],
                            bool *done);
 typedef int (tly_sth_fn) (void *ctx, const tly_sth *sth);
 int tly_reader_sth_scan (tly_reader *self, uint64_t from, size_t count,
@@ -89,11 +133,17 @@ int tly_writer_lookup (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN], uin
 int tly_writer_leaf (tly_writer *self, uint64_t seq, const uint8_t **leaf, size_t *len);
 int tly_writer_node (tly_writer *self, unsigned level, uint64_t index, uint8_t out[32]);
 /*  Appends leaf bytes encoded for seq == tly_writer_next_seq(), with its
-    dedup record; writes the leaf hash and the nodes it completes. */
+    dedup record; writes the leaf hash and the nodes it completes.
+    TLY_EEXIST if dedup is already in the index (L0 or any run). */
 int tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
                        const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32]);
-/*  Signs the new head with sk, stores it, and commits durably (fsync).
-    On failure everything since begin is rolled back. */
+/*  Inside the open txn: if L0 holds >= l0_max keys, moves it into a new
+    run, then merges runs while a tier has 8.  tly_writer_commit calls it;
+    exposed for tests (compact, then abort: nothing changed). */
+int tly_writer_compact (tly_writer *self);
+/*  Compacts the dedup index (above), signs the new head with sk, stores
+    it, and commits durably (fsync).  On failure everything since begin is
+    rolled back. */
 int tly_writer_commit (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
                        const char **why);
 /*  Drops everything since begin. */
