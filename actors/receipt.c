@@ -327,8 +327,10 @@ round_flush (receipt_t *self)
         rc = tly_leaf_encode (seq, self->recv_ts, "usage", (const uint8_t *) w->item.tail.ptr,
                               w->item.tail.len, &self->leaf);
         if (!rc)
-            rc = tly_writer_append (self->writer, self->leaf.data, self->leaf.len,
-                                    w->dedup, w->out.leaf);
+            /*  judge_existing found the key absent in this txn, and the
+                round set keeps a second copy of it out of this round. */
+            rc = tly_writer_append_new (self->writer, self->leaf.data, self->leaf.len,
+                                        w->dedup, w->out.leaf);
         w->out.status = TLY_ST_ACCEPTED;
         w->out.seq = seq;
         w->out.recv_ts = self->recv_ts;

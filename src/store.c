@@ -1128,15 +1128,16 @@ emit_node (void *ctx, unsigned level, uint64_t index, const uint8_t hash[32])
     return rc ? (rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO) : TLY_OK;
 }
 
-int
-tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
-                   const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32])
+static int
+writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
+               const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32], bool checked)
 {
     /*  The index first: a key already there is refused before anything
         else of this entry is written.  MDB_NOOVERWRITE below only sees L0,
-        so the runs are asked first. */
+        so the runs are asked first, unless the caller just did. */
     uint64_t seq = self->frontier.size, old;
-    int err = txn_lookup (self->store, self->txn, &self->runs, dedup, &old);
+    int err = checked ? TLY_ENOTFOUND
+                      : txn_lookup (self->store, self->txn, &self->runs, dedup, &old);
     if (err == TLY_OK)
         return TLY_EEXIST;
     if (err != TLY_ENOTFOUND)
@@ -1153,6 +1154,20 @@ tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
         return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
     tly_merkle_leaf_hash (leaf, len, leaf_hash);
     return tly_frontier_push (&self->frontier, leaf_hash, emit_node, self);
+}
+
+int
+tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
+                   const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32])
+{
+    return writer_append (self, leaf, len, dedup, leaf_hash, false);
+}
+
+int
+tly_writer_append_new (tly_writer *self, const uint8_t *leaf, size_t len,
+                       const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32])
+{
+    return writer_append (self, leaf, len, dedup, leaf_hash, true);
 }
 
 int

@@ -137,6 +137,13 @@ int tly_writer_node (tly_writer *self, unsigned level, uint64_t index, uint8_t o
     TLY_EEXIST if dedup is already in the index (L0 or any run). */
 int tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
                        const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32]);
+/*  The same, for a caller that has looked `dedup` up with
+    tly_writer_lookup in this transaction (TLY_ENOTFOUND) and appended no
+    entry with that key since: skips the second lookup.  Appending a key
+    that exists breaks deduplication, so only the receipt actor's rounds,
+    which guarantee this, use it. */
+int tly_writer_append_new (tly_writer *self, const uint8_t *leaf, size_t len,
+                           const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32]);
 /*  Inside the open txn: if L0 holds >= l0_max keys, moves it into a new
     run, then merges runs while a tier has 8.  tly_writer_commit calls it;
     exposed for tests (compact, then abort: nothing changed). */
