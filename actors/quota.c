@@ -25,7 +25,7 @@
 #include "tally/quota.h"
 
 #define WHO "quota"
-#define CHECKPOINT_MS 10000
+#define CHECKPOINT_MS 1000
 #define MAX_TICKETS 4096
 
 typedef struct {
@@ -177,9 +177,10 @@ put_usage (void *arg, const tly_str *c, const tly_str *m, uint64_t period, uint6
         p->err = TLY_EIO;
 }
 
-/*  Writes every usage row and `counted` in one transaction.  Only called
-    with no ticket outstanding, so the rows hold exactly the committed
-    usage of entries [0, counted). */
+/*  Writes the usage rows changed since the last checkpoint, and `counted`,
+    in one transaction.  Only called with no ticket outstanding, so the rows
+    hold exactly the committed usage of entries [0, counted).  Cheap enough
+    to run every second, which bounds what a restart recounts. */
 static void
 checkpoint (quota_t *self)
 {
@@ -188,7 +189,7 @@ checkpoint (quota_t *self)
     put_ctx p = { .dbi = self->usage };
     if (mdb_txn_begin (self->mdb, NULL, 0, &p.txn))
         return;
-    tly_quota_each_usage (self->q, put_usage, &p);
+    tly_quota_each_dirty (self->q, put_usage, &p);
     MDB_val k = { 7, "counted" }, v = { 8, &self->counted };
     if (!p.err && mdb_put (p.txn, self->meta, &k, &v, 0))
         p.err = TLY_EIO;
@@ -198,6 +199,7 @@ checkpoint (quota_t *self)
         tly_warn (WHO, "usage checkpoint failed; restarts will recount more of the ledger");
         return;
     }
+    tly_quota_clean (self->q);
     self->dirty = false;
 }
 
@@ -593,6 +595,7 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
     int rc = tly_quota_new (&self.q);
     if (!rc) rc = db_open (&self);
     if (!rc) rc = db_load (&self);
+    if (!rc) tly_quota_clean (self.q);       /* loaded rows are on disk already */
     if (!rc) rc = count_ledger (&self);
     if (rc) {
         tly_error (WHO, "cannot start: %s; check <data dir>/quota", tly_strerror (rc));

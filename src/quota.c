@@ -8,9 +8,20 @@
 
 #define KEY_MAX (2 + 1 + TLY_CUSTOMER_MAX + 1 + TLY_METER_MAX + 8)
 
+/*  A usage row holds its own key, which the usage table points at (no
+    copy), and whether it changed since the last checkpoint. */
+typedef struct {
+    uint64_t used;
+    bool dirty;
+    uint8_t key[];
+} usage_t;
+
 struct tly_quota {
-    zhashx_t *limits;       /* key -> uint64_t *limit */
-    zhashx_t *usage;        /* key -> uint64_t *used  */
+    zhashx_t *limits;       /* key -> uint64_t *limit                */
+    zhashx_t *usage;        /* usage_t.key -> usage_t                */
+    usage_t **dirty;        /* rows changed since tly_quota_clean    */
+    size_t ndirty;
+    size_t dirty_cap;
 };
 
 typedef struct {
@@ -121,6 +132,10 @@ tly_quota_new (tly_quota **out)
         return TLY_ENOMEM;
     self->limits = table_new ();
     self->usage = table_new ();
+    if (self->usage) {
+        zhashx_set_key_duplicator (self->usage, NULL);
+        zhashx_set_key_destructor (self->usage, NULL);
+    }
     if (!self->limits || !self->usage) {
         tly_quota_destroy (&self);
         return TLY_ENOMEM;
@@ -136,6 +151,7 @@ tly_quota_destroy (tly_quota **self_p)
     if (self) {
         zhashx_destroy (&self->limits);
         zhashx_destroy (&self->usage);
+        free (self->dirty);
         free (self);
         *self_p = NULL;
     }
@@ -236,24 +252,52 @@ tly_quota_used (tly_quota *self, const tly_str *customer, const tly_str *meter,
 {
     qkey k;
     key_make (&k, customer, meter, true, period);
-    uint64_t *v = zhashx_lookup (self->usage, k.b);
-    return v ? *v : 0;
+    usage_t *u = zhashx_lookup (self->usage, k.b);
+    return u ? u->used : 0;
 }
 
-static uint64_t *
+static usage_t *
 usage_slot (tly_quota *self, const qkey *k)
 {
-    uint64_t *v = zhashx_lookup (self->usage, k->b);
-    if (!v) {
-        v = calloc (1, sizeof *v);
-        if (!v)
+    usage_t *u = zhashx_lookup (self->usage, k->b);
+    if (!u) {
+        size_t len = key_len (k->b);
+        u = calloc (1, sizeof *u + len);
+        if (!u)
             return NULL;
-        if (zhashx_insert (self->usage, k->b, v)) {
-            free (v);
+        memcpy (u->key, k->b, len);
+        if (zhashx_insert (self->usage, u->key, u)) {
+            free (u);
             return NULL;
         }
     }
-    return v;
+    return u;
+}
+
+/*  Records a change; false when the dirty list cannot grow (the row is
+    then left unchanged by the caller). */
+static bool
+usage_touch (tly_quota *self, usage_t *u)
+{
+    if (u->dirty)
+        return true;
+    if (self->ndirty == self->dirty_cap) {
+        size_t cap = self->dirty_cap ? 2 * self->dirty_cap : 256;
+        usage_t **d = realloc (self->dirty, cap * sizeof *d);
+        if (!d)
+            return false;
+        self->dirty = d;
+        self->dirty_cap = cap;
+    }
+    self->dirty[self->ndirty++] = u;
+    u->dirty = true;
+    return true;
+}
+
+static void
+usage_add (usage_t *u, uint64_t qty)
+{
+    u->used = u->used > UINT64_MAX - qty ? UINT64_MAX : u->used + qty;
 }
 
 bool
@@ -264,17 +308,17 @@ tly_quota_admit (tly_quota *self, const tly_str *customer, const tly_str *meter,
         *err = TLY_OK;
     qkey k;
     key_make (&k, customer, meter, true, tly_period_of (ts));
-    uint64_t *used = usage_slot (self, &k);
-    if (!used) {
+    usage_t *u = usage_slot (self, &k);
+    if (!u || !usage_touch (self, u)) {
         if (err)
             *err = TLY_ENOMEM;
         return false;
     }
     uint64_t limit;
     if (tly_quota_limit_for (self, customer, meter, &limit)
-    &&  (qty > limit || *used > limit - qty))
+    &&  (qty > limit || u->used > limit - qty))
         return false;
-    *used = *used > UINT64_MAX - qty ? UINT64_MAX : *used + qty;
+    usage_add (u, qty);
     return true;
 }
 
@@ -284,10 +328,10 @@ tly_quota_add (tly_quota *self, const tly_str *customer, const tly_str *meter,
 {
     qkey k;
     key_make (&k, customer, meter, true, period);
-    uint64_t *used = usage_slot (self, &k);
-    if (!used)
+    usage_t *u = usage_slot (self, &k);
+    if (!u || !usage_touch (self, u))
         return TLY_ENOMEM;
-    *used = *used > UINT64_MAX - qty ? UINT64_MAX : *used + qty;
+    usage_add (u, qty);
     return TLY_OK;
 }
 
@@ -297,10 +341,10 @@ tly_quota_sub (tly_quota *self, const tly_str *customer, const tly_str *meter,
 {
     qkey k;
     key_make (&k, customer, meter, true, period);
-    uint64_t *used = zhashx_lookup (self->usage, k.b);
-    assert (used && *used >= qty);      /* only admitted usage is taken back */
-    if (used)
-        *used = *used >= qty ? *used - qty : 0;
+    usage_t *u = zhashx_lookup (self->usage, k.b);
+    assert (u && u->used >= qty);       /* only admitted usage is taken back */
+    if (u && usage_touch (self, u))
+        u->used = u->used >= qty ? u->used - qty : 0;
 }
 
 void
@@ -316,10 +360,35 @@ tly_quota_each_limit (tly_quota *self, tly_limit_fn *fn, void *ctx)
 void
 tly_quota_each_usage (tly_quota *self, tly_usage_fn *fn, void *ctx)
 {
-    for (uint64_t *v = zhashx_first (self->usage); v; v = zhashx_next (self->usage)) {
+    for (usage_t *u = zhashx_first (self->usage); u; u = zhashx_next (self->usage)) {
         tly_str c, m;
         uint64_t period;
-        key_split (zhashx_cursor (self->usage), &c, &m, &period);
-        fn (ctx, &c, &m, period, *v);
+        key_split (u->key, &c, &m, &period);
+        fn (ctx, &c, &m, period, u->used);
     }
+}
+
+void
+tly_quota_each_dirty (tly_quota *self, tly_usage_fn *fn, void *ctx)
+{
+    for (size_t i = 0; i < self->ndirty; i++) {
+        tly_str c, m;
+        uint64_t period;
+        key_split (self->dirty[i]->key, &c, &m, &period);
+        fn (ctx, &c, &m, period, self->dirty[i]->used);
+    }
+}
+
+size_t
+tly_quota_dirty_count (tly_quota *self)
+{
+    return self->ndirty;
+}
+
+void
+tly_quota_clean (tly_quota *self)
+{
+    for (size_t i = 0; i < self->ndirty; i++)
+        self->dirty[i]->dirty = false;
+    self->ndirty = 0;
 }

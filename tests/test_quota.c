@@ -183,6 +183,22 @@ test_iteration_and_rebuild (void **state)
     assert_int_equal (n.limits, 2);
     assert_int_equal (n.usage, 150);
     assert_int_equal (n.sum, 2000);
+    /*  Every row is dirty until cleaned; then only what changes again. */
+    counts d = { 0 };
+    tly_quota_each_dirty (q, count_usage, &d);
+    assert_int_equal (d.usage, 150);
+    assert_int_equal (d.sum, 2000);
+    tly_quota_clean (q);
+    assert_int_equal (tly_quota_dirty_count (q), 0);
+    assert_true (tly_quota_admit (q, S ("c7"), S ("api"), NOV_1_2026, 1, NULL));
+    assert_false (tly_quota_admit (q, S ("c7"), S ("api"), NOV_1_2026, 1000, NULL));
+    tly_quota_add (q, S ("c8"), S ("api"), tly_period_of (NOV_1_2026), 1);
+    tly_quota_add (q, S ("c8"), S ("api"), tly_period_of (NOV_1_2026), 1);
+    memset (&d, 0, sizeof d);
+    tly_quota_each_dirty (q, count_usage, &d);
+    assert_int_equal (d.usage, 2);
+    tly_quota_sub (q, S ("c7"), S ("api"), tly_period_of (NOV_1_2026), 1);
+    assert_int_equal (tly_quota_dirty_count (q), 2);
     tly_quota_destroy (&q);
 }
 

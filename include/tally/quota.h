@@ -56,5 +56,10 @@ void tly_quota_each_limit (tly_quota *self, tly_limit_fn *fn, void *ctx);
 typedef void (tly_usage_fn) (void *ctx, const tly_str *customer, const tly_str *meter,
                              uint64_t period, uint64_t used);
 void tly_quota_each_usage (tly_quota *self, tly_usage_fn *fn, void *ctx);
+/*  The rows changed (admit, add, sub) since the last tly_quota_clean: what
+    a checkpoint must write.  Clean only once they are durably written. */
+void tly_quota_each_dirty (tly_quota *self, tly_usage_fn *fn, void *ctx);
+size_t tly_quota_dirty_count (tly_quota *self);
+void tly_quota_clean (tly_quota *self);
 
 #endif
