@@ -54,6 +54,7 @@ typedef struct {
     size_t ntickets;
     uint64_t next_ticket;
     uint64_t recv_ts;
+    int64_t admit_us;               /* time spent waiting for quota, this group */
     tly_buf buf;
     tly_buf leaf;
     bool term;
@@ -310,11 +311,13 @@ round_flush (receipt_t *self)
     uint8_t *verdict = malloc (self->npending);
     if (!verdict)
         return TLY_ENOMEM;
+    int64_t t0 = zclock_usecs ();
     int rc = send_admit (self, ticket);
     if (!rc) {
         self->tickets[self->ntickets++] = ticket;   /* from now on it may need an ABORT */
         rc = await_verdict (self, ticket, verdict);
     }
+    self->admit_us += zclock_usecs () - t0;
     for (size_t k = 0; k < self->npending && !rc; k++) {
         work_t *w = &self->work[self->pending[k]];
         if (!verdict[k]) {
@@ -445,13 +448,21 @@ group_run (receipt_t *self)
         return;
     }
     uint64_t before = tly_writer_next_seq (self->writer);
+    self->admit_us = 0;
+    int64_t t0 = zclock_usecs ();
     rc = group_judge (self);
+    int64_t t1 = zclock_usecs ();
     tly_sth sth = *tly_writer_sth (self->writer);
     const char *why = "";
     if (!rc && tly_writer_next_seq (self->writer) > before)
         rc = tly_writer_commit (self->writer, self->env->sk, &sth, &why);
     else
         tly_writer_abort (self->writer);    /* nothing new: no fsync, same head */
+    tly_debug (WHO, "group: %zu requests, %zu events, %llu appended; judge+append %lld us "
+                    "(quota %lld us), commit %lld us", self->nmsgs, self->nwork,
+               (unsigned long long) (tly_writer_next_seq (self->writer) - before),
+               (long long) (t1 - t0), (long long) self->admit_us,
+               (long long) (zclock_usecs () - t1));
     if (rc) {
         send_aborts (self);
         if (rc == TLY_EUNAVAIL || rc == TLY_ETIMEOUT)
