@@ -306,6 +306,14 @@ static int
 txn_node (tly_store *store, MDB_txn *txn, unsigned level, uint64_t index, uint8_t out[32])
 {
     MDB_val v;
+    if (level == 0) {
+        /*  Leaf hashes are not stored: they are the hash of stored bytes. */
+        int rc = get_u64key (txn, store->entries, index, &v);
+        if (rc)
+            return rc;
+        tly_merkle_leaf_hash (v.mv_data, v.mv_size, out);
+        return TLY_OK;
+    }
     int rc = get_u64key (txn, store->nodes, node_key (level, index), &v);
     if (rc)
         return rc;
@@ -1122,6 +1130,8 @@ static int
 emit_node (void *ctx, unsigned level, uint64_t index, const uint8_t hash[32])
 {
     tly_writer *self = ctx;
+    if (level == 0)
+        return TLY_OK;              /* recomputed from the entry when needed */
     uint64_t key = node_key (level, index);
     MDB_val k = { 8, &key }, v = { 32, (void *) hash };
     int rc = mdb_put (self->txn, self->store->nodes, &k, &v, MDB_APPEND);

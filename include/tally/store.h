@@ -5,7 +5,9 @@
       entries  seq (u64, integer key)          -> leaf bytes (PROTOCOL.md s3)
       nodes    post-order number (u64 key)     -> 32-byte perfect-subtree hash
                (node (level, index) is the 2m - popcount(m) + level'th node
-               completed, m = ((index + 1) << level) - 1: appends only)
+               completed, m = ((index + 1) << level) - 1: appends only).
+               Levels >= 1 only: a leaf hash is SHA-256 of bytes already
+               stored, so tly_reader_node (0, seq) computes it from the entry.
       dedup    16-byte keyed BLAKE2b of (customer, key) -> seq (u64): "L0",
                the most recent keys only (see below)
       runs     run id (u32 big-endian) || dedup (16 B)     -> seq (u64)
@@ -37,8 +39,8 @@
     Every appended entry, its nodes, its dedup record and the commit's signed
     head land in one LMDB transaction, fsync'd before the commit returns:
     after a crash the ledger is exactly some committed prefix.  Every stored
-    byte is covered by a hash the scrubber can check: leaves by level-0
-    nodes, nodes by their children, the root by the signed head, dedup
+    byte is covered by a hash the scrubber can check: leaves by their
+    level-1 parents (the last, odd one by the signed root), nodes by their children, the root by the signed head, dedup
     records by re-hashing the entry they name; each run's Bloom filter must
     say "maybe" for every key of its run (a flipped bit there would hide a
     key from lookups).
