@@ -33,10 +33,10 @@ install_packages () {
         "${missing[@]}"
 }
 
-build () {  # build DIR [cmake args...]
+build () {  # build DIR [cmake args...]; TARGETS limits what is built
     local dir=$1; shift
     cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
-    cmake --build "$dir" -j "$JOBS"
+    cmake --build "$dir" -j "$JOBS" ${TARGETS:+--target $TARGETS}
 }
 
 cmd=${1:-run}
@@ -47,7 +47,7 @@ case "$cmd" in
         build build
         ;;
     run)
-        build build
+        TARGETS="tallyd tally_cli" build build
         mkdir -p data
         echo "setup: starting tallyd (data in ./data, API tcp://127.0.0.1:7400," \
              "control tcp://127.0.0.1:7401); stop it with Ctrl-C"
