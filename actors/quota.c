@@ -205,6 +205,32 @@ checkpoint (quota_t *self)
 
 /* ---- rebuilding usage from the ledger ---- */
 
+#define COUNT_SLICE 100000         /* entries per read snapshot while rebuilding */
+
+static void on_call (quota_t *self, zmsg_t **call);
+
+/*  Answers the supervisor between slices of a long rebuild.  False when
+    asked to stop. */
+static bool
+serve_pipe (quota_t *self)
+{
+    zsock_t *pipe = tly_child_pipe (self->ctx);
+    while (zsock_events (pipe) & ZMQ_POLLIN) {
+        zmsg_t *call = NULL;
+        int r = tly_child_recv (self->ctx, &call);
+        if (r == TLY_CHILD_TERM)
+            return false;
+        if (r == TLY_CHILD_CALL)
+            on_call (self, &call);
+    }
+    return true;
+}
+
+/*  Counts the ledger's entries after the checkpoint, in slices, answering
+    heartbeats in between: a large ledger with an old (or no) checkpoint
+    takes seconds.  Until it is done, admissions wait on the link (the
+    receipt actor answers `unavailable` after its timeout).  TLY_EUNAVAIL
+    when told to stop meanwhile. */
 static int
 count_ledger (quota_t *self)
 {
@@ -212,31 +238,49 @@ count_ledger (quota_t *self)
     int rc = tly_reader_new (self->env->store, &r);
     if (rc)
         return rc;
-    uint64_t from = self->counted, seq = from;
-    rc = tly_reader_begin (r);
-    uint64_t size = rc ? 0 : tly_reader_size (r);
-    for (; !rc && seq < size; seq++) {
-        const uint8_t *leaf;
-        size_t len;
-        tly_entry e;
-        if ((rc = tly_reader_leaf (r, seq, &leaf, &len))
-        ||  (rc = tly_leaf_decode (leaf, len, &e, NULL)))
+    uint64_t from = self->counted, seq = from, size = 0;
+    int64_t started = zclock_mono (), next_note = started + 5000;
+    do {
+        if (!serve_pipe (self)) {
+            rc = TLY_EUNAVAIL;
             break;
-        if (e.kind.len == 5 && memcmp (e.kind.ptr, "usage", 5) == 0)
-            rc = tly_quota_add (self->q, &e.ev.customer, &e.ev.meter,
-                                tly_period_of (e.ev.ts), e.ev.qty);
-    }
-    tly_reader_end (r);
+        }
+        if ((rc = tly_reader_begin (r)))
+            break;
+        size = tly_reader_size (r);
+        uint64_t stop = size - seq > COUNT_SLICE ? seq + COUNT_SLICE : size;
+        for (; !rc && seq < stop; seq++) {
+            const uint8_t *leaf;
+            size_t len;
+            tly_entry e;
+            if ((rc = tly_reader_leaf (r, seq, &leaf, &len))
+            ||  (rc = tly_leaf_decode (leaf, len, &e, NULL)))
+                break;
+            if (e.kind.len == 5 && memcmp (e.kind.ptr, "usage", 5) == 0)
+                rc = tly_quota_add (self->q, &e.ev.customer, &e.ev.meter,
+                                    tly_period_of (e.ev.ts), e.ev.qty);
+        }
+        tly_reader_end (r);
+        self->counted = seq;
+        if (zclock_mono () > next_note) {
+            tly_info (WHO, "rebuilding usage: %llu of %llu entries counted; writes get "
+                           "`unavailable` until done", (unsigned long long) seq,
+                      (unsigned long long) size);
+            next_note = zclock_mono () + 5000;
+        }
+    } while (!rc && seq < size);
     tly_reader_destroy (&r);
+    if (rc == TLY_EUNAVAIL)
+        return rc;
     if (rc) {
         tly_error (WHO, "cannot count ledger entry %llu: %s; run `tally ctl verify`",
                    (unsigned long long) seq, tly_strerror (rc));
         return rc;
     }
-    self->counted = size;
-    self->dirty |= size > from;
+    self->dirty |= seq > from;
     tly_info (WHO, "usage rebuilt: the checkpoint covered %llu entries, %llu more counted "
-                   "from the ledger", (unsigned long long) from, (unsigned long long) (size - from));
+                   "from the ledger in %lld ms", (unsigned long long) from,
+              (unsigned long long) (seq - from), (long long) (zclock_mono () - started));
     return TLY_OK;
 }
 
@@ -596,15 +640,20 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
     if (!rc) rc = db_open (&self);
     if (!rc) rc = db_load (&self);
     if (!rc) tly_quota_clean (self.q);       /* loaded rows are on disk already */
-    if (!rc) rc = count_ledger (&self);
     if (rc) {
         tly_error (WHO, "cannot start: %s; check <data dir>/quota", tly_strerror (rc));
         quota_free (&self);
         return 1;
     }
+    /*  Ready before the recount: it may take long on a big ledger. */
+    tly_child_ready (ctx);
+    rc = count_ledger (&self);
+    if (rc) {
+        quota_free (&self);
+        return rc == TLY_EUNAVAIL ? 0 : 1;
+    }
     zsock_t *from_receipt = env->receipt_quota[1], *from_ingest = env->ingest_quota[1];
     zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), from_receipt, from_ingest, NULL);
-    tly_child_ready (ctx);
     int64_t next_checkpoint = zclock_mono () + CHECKPOINT_MS;
     while (true) {
         void *which = zpoller_wait (poller, 500);
