@@ -22,6 +22,7 @@ typedef struct {
     size_t request_max;           /* bytes; larger requests get too_large      */
     size_t group_max;             /* events per commit, at most                */
     unsigned verify_interval_s;   /* a full scrub pass at least this often     */
+    unsigned verify_cpu;          /* ... using at most this % of a core (1-100) */
 
     zsock_t *api;                 /* ROUTER: the API endpoint (ingest)         */
     zsock_t *ingest_receipt[2];   /* PAIR link: [0] ingest end, [1] receipt end */

@@ -12,7 +12,10 @@
          root equals the root recomputed from the stored nodes.
     Passes run in slices between heartbeats, paced so that a full pass takes
     about half of --verify-interval: a byte corrupted anywhere in those
-    records is found within one interval.  `verify` runs a pass at full
+    records is found within one interval.  The scrubber never takes more
+    than --verify-cpu percent of a core, though: on a ledger too large for
+    that, passes take longer than the interval and the log says so, with
+    what to change.  `verify` runs a pass at full
     speed and replies when it ends.  Results go to the log (ERROR on the
     first finding), to `status` and to `verify`.
 */
@@ -32,6 +35,7 @@ typedef struct {
     bool ok;
     uint64_t at;
     uint64_t checked;
+    uint64_t duration_ms;           /* how long the pass took */
     char error[256];
 } result_t;
 
@@ -46,6 +50,8 @@ typedef struct {
     uint8_t dedup_last[TLY_DEDUP_POS_LEN];
     bool dedup_started;
     uint64_t checked;
+    int64_t started;                /* when this pass began (mono ms) */
+    bool slow_warned;
     char error[256];
     result_t last;
     zmsg_t *verify_call;            /* a pending `verify` */
@@ -74,6 +80,7 @@ pass_start (recon_t *self)
     self->checked = 0;
     self->error[0] = 0;
     self->size = 0;
+    self->started = zclock_mono ();
     if (tly_reader_begin (self->reader) == 0) {
         self->size = tly_reader_size (self->reader);
         tly_reader_end (self->reader);
@@ -232,6 +239,16 @@ pass_finish (recon_t *self)
     self->last.ok = self->error[0] == 0;
     self->last.at = tly_now_ms ();
     self->last.checked = self->checked;
+    self->last.duration_ms = (uint64_t) (zclock_mono () - self->started);
+    if (self->last.duration_ms > (uint64_t) self->env->verify_interval_s * 1000
+    &&  !self->verify_call && !self->slow_warned) {
+        tly_warn (WHO, "a full verification pass took %llu s, longer than --verify-interval "
+                       "(%u s), within --verify-cpu %u%%: corruption may be found later than "
+                       "the interval promises. Raise --verify-cpu or --verify-interval",
+                  (unsigned long long) self->last.duration_ms / 1000,
+                  self->env->verify_interval_s, self->env->verify_cpu);
+        self->slow_warned = true;
+    }
     snprintf (self->last.error, sizeof self->last.error, "%s", self->error);
     if (self->error[0]) {
         /*  Say it once, then at most every ten minutes while it persists. */
@@ -295,13 +312,15 @@ pack_result (const result_t *r, tly_buf *out)
 {
     msgpack_packer pk;
     tly_buf_packer (out, &pk);
-    msgpack_pack_map (&pk, 4);
+    msgpack_pack_map (&pk, 5);
     tly_pack_cstr (&pk, "ok");
     r->ok ? msgpack_pack_true (&pk) : msgpack_pack_false (&pk);
     tly_pack_cstr (&pk, "at");
     msgpack_pack_uint64 (&pk, r->at);
     tly_pack_cstr (&pk, "checked");
     msgpack_pack_uint64 (&pk, r->checked);
+    tly_pack_cstr (&pk, "duration_ms");
+    msgpack_pack_uint64 (&pk, r->duration_ms);
     tly_pack_cstr (&pk, "error");
     tly_pack_cstr (&pk, r->error);
 }
@@ -361,8 +380,13 @@ tly_reconcile_actor (tly_child_ctx *ctx, void *args)
         }
         if (!self.verify_call && zclock_mono () < next_slice)
             continue;
-        next_slice = zclock_mono () + TICK_MS;
+        int64_t t0 = zclock_mono ();
         bool ended = slice (&self, self.verify_call ? FAST_SLICE : paced_budget (&self));
+        /*  Rest in proportion to the work, so that the scrub stays within
+            --verify-cpu percent of a core. */
+        int64_t spent = zclock_mono () - t0, rest = spent * (100 - (int64_t) env->verify_cpu)
+                                                  / (int64_t) env->verify_cpu;
+        next_slice = zclock_mono () + (rest > TICK_MS ? rest : TICK_MS);
         if (ended) {
             if (self.verify_call) {
                 zmsg_destroy (&self.verify_call);

@@ -26,6 +26,7 @@ typedef struct {
     char control[256];
     char config[1024];
     unsigned verify_interval;
+    unsigned verify_cpu;
     char log_level[16];
     unsigned map_size_gb;
     unsigned request_max_mb;
@@ -52,6 +53,8 @@ usage (FILE *out)
 "  --config FILE           ZPL config file (see config/tallyd.cfg)\n"
 "  --verify-interval SECS  the scrubber checks every stored byte at least\n"
 "                          this often [60]\n"
+"  --verify-cpu PERCENT    ... using at most this much of one core [25]; a\n"
+"                          ledger too big for both gets a warning in the log\n"
 "  --log-level LEVEL       debug, info, warn or error [info]\n"
 "  --map-size-gb N         LMDB map size: the ledger's maximum size [256]\n"
 "  --request-max-mb N      larger requests get too_large [16]\n"
@@ -79,6 +82,7 @@ options_defaults (options_t *o)
     strcpy (o->api, "tcp://127.0.0.1:7400");
     strcpy (o->control, "tcp://127.0.0.1:7401");
     o->verify_interval = 60;
+    o->verify_cpu = 25;
     strcpy (o->log_level, "info");
     o->map_size_gb = 256;
     o->request_max_mb = 16;
@@ -128,6 +132,7 @@ options_parse (options_t *o, int argc, char **argv)
         { "control", "tallyd/control", S (control) },
         { "config", NULL, S (config) },
         { "verify-interval", "tallyd/verify_interval", N (verify_interval) },
+        { "verify-cpu", "tallyd/verify_cpu", N (verify_cpu) },
         { "log-level", "tallyd/log_level", S (log_level) },
         { "map-size-gb", "tallyd/map_size_gb", N (map_size_gb) },
         { "request-max-mb", "tallyd/request_max_mb", N (request_max_mb) },
@@ -496,6 +501,23 @@ refuse_api (zsock_t *api)
     }
 }
 
+/*  Closes what main opened, whichever part of it exists. */
+static void
+env_close (tly_actor_env *env, zsock_t **control)
+{
+    zsock_destroy (control);
+    zsock_destroy (&env->api);
+    for (int i = 0; i < 2; i++) {
+        zsock_destroy (&env->ingest_receipt[i]);
+        zsock_destroy (&env->ingest_quota[i]);
+        zsock_destroy (&env->receipt_quota[i]);
+        zsock_destroy (&env->api_token[i]);
+    }
+    tly_store_close (&env->store);
+    sodium_memzero (env->sk, sizeof env->sk);
+    zsys_shutdown ();
+}
+
 /* ---- main ---- */
 
 static int
@@ -591,6 +613,10 @@ main (int argc, char **argv)
                          "and heartbeat-ms must be at least 1\n");
         return 1;
     }
+    if (opt.verify_cpu == 0 || opt.verify_cpu > 100) {
+        fprintf (stderr, "tallyd: verify-cpu is a percentage of one core, 1 to 100\n");
+        return 1;
+    }
     sup_cfg.intensity = opt.intensity;
     sup_cfg.period_ms = opt.period_s * 1000;
     sup_cfg.heartbeat_ms = opt.heartbeat_ms;
@@ -610,7 +636,8 @@ main (int argc, char **argv)
     tly_actor_env env = { .data_dir = opt.data_dir,
                           .request_max = (size_t) opt.request_max_mb << 20,
                           .group_max = opt.group_max,
-                          .verify_interval_s = opt.verify_interval };
+                          .verify_interval_s = opt.verify_interval,
+                          .verify_cpu = opt.verify_cpu };
     const char *why = "";
     int rc = tly_store_open (opt.data_dir, (size_t) opt.map_size_gb << 30, &env.store, &why);
     if (rc) {
@@ -634,6 +661,7 @@ main (int argc, char **argv)
     ||  !(env.api = router_bind (opt.api, "api", 4 * env.request_max + 4096))
     ||  !(control = router_bind (opt.control, "control", 1 << 20))) {
         tly_error (WHO, "cannot set up sockets; exiting");
+        env_close (&env, &control);
         return 1;
     }
     tly_child_spec specs[] = {
@@ -645,6 +673,7 @@ main (int argc, char **argv)
     tly_sup *sup = tly_sup_new (&sup_cfg, specs, sizeof specs / sizeof specs[0]);
     if (!sup) {
         tly_error (WHO, "the actors could not start; see the errors above");
+        env_close (&env, &control);
         return 1;
     }
     tly_info (WHO, "tallyd %s serving: api %s, control %s, data %s (%s, %u restarts in %us)",
@@ -652,17 +681,7 @@ main (int argc, char **argv)
               tly_strategy_name (sup_cfg.strategy), sup_cfg.intensity, opt.period_s);
     int status = serve (&opt, sup, &env, control, sigfd);
     tly_sup_destroy (&sup);
-    zsock_destroy (&control);
-    zsock_destroy (&env.api);
-    for (int i = 0; i < 2; i++) {
-        zsock_destroy (&env.ingest_receipt[i]);
-        zsock_destroy (&env.ingest_quota[i]);
-        zsock_destroy (&env.receipt_quota[i]);
-        zsock_destroy (&env.api_token[i]);
-    }
-    tly_store_close (&env.store);
-    sodium_memzero (env.sk, sizeof env.sk);
+    env_close (&env, &control);
     tly_info (WHO, "stopped");
-    zsys_shutdown ();
     return status;
 }
