@@ -7,51 +7,21 @@
 #include <string.h>
 #include <sys/stat.h>
 #include "tally/store.h"
+#include "dedup.h"
 
 #define STH_VAL_LEN (8 + 32 + TLY_SIG_LEN)
-#define FORMAT "2"
-
-/*  The dedup index is an LSM tree inside LMDB (see store.h): L0 takes
-    random puts but stays small; full L0s become sorted runs written with
-    MDB_APPEND; runs of one tier are merged MERGE_FANIN at a time.  L0's
-    size trades its random page writes (about min(group, L0 pages) per
+#define FORMAT "3"
+/*  L0's size trades its random page writes (about min(group, L0 pages) per
     commit) against one more merge level per factor 8: measured with
     1,000-event commits to 2M keys, 8K-32K beat 64K-128K by 1.3-1.5x. */
 #define L0_MAX_DEFAULT  16384
 #define L0_MAX_MIN      16
-#define MERGE_FANIN     8
-#define RUN_KEY_LEN     (4 + TLY_DEDUP_LEN)
-/*  Blocked Bloom filter: one 64-byte block per probe (one cache line),
-    BLOOM_K bits in it.  12 bits per key gives about 0.5% false positives
-    with blocking; a false positive costs one mdb_get. */
-#define BLOOM_BLOCK     64
-#define BLOOM_BITS_PER_KEY 12
-#define BLOOM_K         7
-#define BLOOM_HDR       8
-
-/*  One sorted run as seen by one snapshot.  bits points into the LMDB map
-    (readers, and the writer for runs committed before its txn began) or
-    into a writer-owned heap buffer (runs made in the open txn).  NULL bits
-    (a malformed filter) means "maybe" for every key: never a false
-    negative; the scrubber reports it. */
-typedef struct {
-    uint32_t id;
-    uint32_t count;
-    uint32_t nblocks;
-    const uint8_t *bits;
-} run_t;
-
-typedef struct {
-    run_t *runs;                    /* ascending id = oldest first */
-    size_t n, cap;
-    uint64_t probes;                /* run reads by lookups (statistics) */
-} runs_t;
 
 struct tly_store {
     MDB_env *env;
-    MDB_dbi entries, nodes, dedup, runs, blooms, sths, meta;
+    MDB_dbi entries, nodes, sths, meta;
+    dx_tables dx;                   /* the idempotency index's tables */
     uint8_t dedup_key[crypto_generichash_KEYBYTES];
-    size_t l0_max;
     char data_path[4200];
 };
 
@@ -59,7 +29,7 @@ struct tly_reader {
     tly_store *store;
     MDB_txn *txn;
     uint64_t size;
-    runs_t runs;
+    dx_view view;
     bool active;
 };
 
@@ -69,9 +39,7 @@ struct tly_writer {
     tly_frontier frontier;          /* includes this txn's appends      */
     tly_frontier committed;         /* as of the last commit, for abort */
     tly_sth sth;                    /* the latest committed head        */
-    runs_t runs;                    /* as of this txn                   */
-    uint8_t **fresh;                /* filters of runs made in this txn */
-    size_t nfresh;
+    dx_writer *dx;                  /* the idempotency index's writer   */
 };
 
 /*  Nodes are keyed by the order in which appends complete them (post-order):
@@ -120,12 +88,13 @@ open_dbis (tly_store *self, const char **why)
         goto fail;
     if ((rc = mdb_dbi_open (txn, "entries", MDB_CREATE | MDB_INTEGERKEY, &self->entries))
     ||  (rc = mdb_dbi_open (txn, "nodes", MDB_CREATE | MDB_INTEGERKEY, &self->nodes))
-    ||  (rc = mdb_dbi_open (txn, "dedup", MDB_CREATE, &self->dedup))
-    ||  (rc = mdb_dbi_open (txn, "runs", MDB_CREATE, &self->runs))
-    ||  (rc = mdb_dbi_open (txn, "blooms", MDB_CREATE, &self->blooms))
     ||  (rc = mdb_dbi_open (txn, "sths", MDB_CREATE | MDB_INTEGERKEY, &self->sths))
     ||  (rc = mdb_dbi_open (txn, "meta", MDB_CREATE, &self->meta)))
         goto abort;
+    if (dx_open (txn, &self->dx)) {
+        rc = EIO;
+        goto abort;
+    }
 
     MDB_val k = { 9, "dedup_key" }, v;
     rc = mdb_get (txn, self->meta, &k, &v);
@@ -141,9 +110,9 @@ open_dbis (tly_store *self, const char **why)
     else
     if (rc == 0 && !format_ok (txn, self->meta)) {
         mdb_txn_abort (txn);
-        *why = "the ledger in this data dir is not format " FORMAT " (format 1 kept the "
-               "idempotency index in one table): this tallyd reads format " FORMAT
-               " only; start from a fresh data dir (there is no migration)";
+        *why = "the ledger in this data dir is not format " FORMAT " (formats 1 and 2 "
+               "laid out the idempotency index differently): this tallyd reads format "
+               FORMAT " only; start from a fresh data dir (there is no migration)";
         return TLY_EINVAL;
     }
     else
@@ -184,7 +153,7 @@ tly_store_open (const char *dir, size_t map_size, tly_store **out, const char **
     tly_store *self = calloc (1, sizeof *self);
     if (!self)
         return TLY_ENOMEM;
-    self->l0_max = L0_MAX_DEFAULT;
+    self->dx.l0_max = L0_MAX_DEFAULT;
     /*  For tuning and tests; a value that does not parse keeps the default. */
     const char *env_l0 = getenv ("TALLY_L0_MAX");
     unsigned long long l0 = env_l0 ? strtoull (env_l0, NULL, 10) : 0;
@@ -199,7 +168,7 @@ tly_store_open (const char *dir, size_t map_size, tly_store **out, const char **
         return TLY_EIO;
     }
     int rc = mdb_env_create (&self->env);
-    if (!rc) rc = mdb_env_set_maxdbs (self->env, 8);
+    if (!rc) rc = mdb_env_set_maxdbs (self->env, 4 + 4 + DX_TIERS);
     if (!rc) rc = mdb_env_set_mapsize (self->env, map_size);
     if (!rc) rc = mdb_env_set_maxreaders (self->env, 256);
     if (!rc) rc = mdb_env_open (self->env, path, MDB_NOTLS, 0644);
@@ -239,7 +208,7 @@ tly_store_data_path (tly_store *self)
 void
 tly_store_set_l0_max (tly_store *self, size_t l0_max)
 {
-    self->l0_max = l0_max < L0_MAX_MIN ? L0_MAX_MIN : l0_max;
+    self->dx.l0_max = l0_max < L0_MAX_MIN ? L0_MAX_MIN : l0_max;
 }
 
 void
@@ -323,178 +292,6 @@ txn_node (tly_store *store, MDB_txn *txn, unsigned level, uint64_t index, uint8_
     return TLY_OK;
 }
 
-/* ---- the dedup index: L0, sorted runs and their Bloom filters ---- */
-
-static int
-lmdb_err (int rc)
-{
-    return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
-}
-
-static uint64_t
-le64_at (const uint8_t *p)
-{
-    uint64_t x = 0;
-    for (int i = 7; i >= 0; i--)
-        x = (x << 8) | p[i];
-    return x;
-}
-
-static void
-put_be32 (uint8_t *p, uint32_t x)
-{
-    p[0] = (uint8_t) (x >> 24);
-    p[1] = (uint8_t) (x >> 16);
-    p[2] = (uint8_t) (x >> 8);
-    p[3] = (uint8_t) x;
-}
-
-static uint32_t
-get_be32 (const uint8_t *p)
-{
-    return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 | (uint32_t) p[2] << 8 | p[3];
-}
-
-static uint32_t
-bloom_nblocks (uint64_t count)
-{
-    uint64_t n = (count * BLOOM_BITS_PER_KEY + BLOOM_BLOCK * 8 - 1) / (BLOOM_BLOCK * 8);
-    return n ? (uint32_t) n : 1;
-}
-
-/*  The dedup key is already a keyed hash: its first 8 bytes pick the
-    block, the next 8 give BLOOM_K 9-bit positions inside it. */
-static const uint8_t *
-bloom_block (const uint8_t *bits, uint32_t nblocks, const uint8_t key[TLY_DEDUP_LEN])
-{
-    return bits + (le64_at (key) % nblocks) * BLOOM_BLOCK;
-}
-
-static void
-bloom_add (uint8_t *bits, uint32_t nblocks, const uint8_t key[TLY_DEDUP_LEN])
-{
-    uint8_t *block = (uint8_t *) bloom_block (bits, nblocks, key);
-    uint64_t h = le64_at (key + 8);
-    for (int i = 0; i < BLOOM_K; i++, h >>= 9)
-        block[(h & 511) >> 3] |= (uint8_t) (1u << (h & 7));
-}
-
-static bool
-bloom_maybe (const run_t *run, const uint8_t key[TLY_DEDUP_LEN])
-{
-    if (!run->bits)
-        return true;
-    const uint8_t *block = bloom_block (run->bits, run->nblocks, key);
-    uint64_t h = le64_at (key + 8);
-    for (int i = 0; i < BLOOM_K; i++, h >>= 9)
-        if (!(block[(h & 511) >> 3] & (1u << (h & 7))))
-            return false;
-    return true;
-}
-
-static int
-runs_push (runs_t *runs, run_t run)
-{
-    if (runs->n == runs->cap) {
-        size_t cap = runs->cap ? runs->cap * 2 : 16;
-        run_t *grown = realloc (runs->runs, cap * sizeof *grown);
-        if (!grown)
-            return TLY_ENOMEM;
-        runs->runs = grown;
-        runs->cap = cap;
-    }
-    runs->runs[runs->n++] = run;
-    return TLY_OK;
-}
-
-static run_t *
-runs_find (runs_t *runs, uint32_t id)
-{
-    size_t lo = 0, hi = runs->n;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (runs->runs[mid].id < id)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo < runs->n && runs->runs[lo].id == id ? &runs->runs[lo] : NULL;
-}
-
-/*  Reads the list of live runs (one "blooms" record each) in txn.  The
-    filters are not copied: bits point into the map, valid for the txn. */
-static int
-runs_load (tly_store *store, MDB_txn *txn, runs_t *runs)
-{
-    runs->n = 0;
-    runs->probes = 0;
-    MDB_cursor *cur;
-    if (mdb_cursor_open (txn, store->blooms, &cur))
-        return TLY_EIO;
-    MDB_val k, v;
-    int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
-    int err = TLY_OK;
-    for (; rc == 0; rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT)) {
-        if (k.mv_size != 4) {
-            err = TLY_ECORRUPT;
-            break;
-        }
-        run_t run = { .id = get_be32 (k.mv_data) };
-        if (v.mv_size >= BLOOM_HDR) {
-            memcpy (&run.count, v.mv_data, 4);
-            memcpy (&run.nblocks, (uint8_t *) v.mv_data + 4, 4);
-            if (run.nblocks && v.mv_size == BLOOM_HDR + (size_t) run.nblocks * BLOOM_BLOCK)
-                run.bits = (const uint8_t *) v.mv_data + BLOOM_HDR;
-        }
-        if ((err = runs_push (runs, run)))
-            break;
-    }
-    if (!err && rc != MDB_NOTFOUND)
-        err = TLY_EIO;
-    mdb_cursor_close (cur);
-    return err;
-}
-
-static int
-seq_from_val (const MDB_val *v, uint64_t *seq)
-{
-    if (v->mv_size != 8)
-        return TLY_ECORRUPT;
-    memcpy (seq, v->mv_data, 8);
-    return TLY_OK;
-}
-
-/*  L0 first, then the runs newest first; each key lives in exactly one
-    place, so the order only matters for speed (recent keys are hot). */
-static int
-txn_lookup (tly_store *store, MDB_txn *txn, runs_t *runs,
-            const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq)
-{
-    MDB_val k = { TLY_DEDUP_LEN, (void *) dedup }, v;
-    int rc = mdb_get (txn, store->dedup, &k, &v);
-    if (rc == 0)
-        return seq_from_val (&v, seq);
-    if (rc != MDB_NOTFOUND)
-        return TLY_EIO;
-    uint8_t rk[RUN_KEY_LEN];
-    memcpy (rk + 4, dedup, TLY_DEDUP_LEN);
-    k.mv_size = RUN_KEY_LEN;
-    k.mv_data = rk;
-    for (size_t i = runs->n; i-- > 0;) {
-        const run_t *run = &runs->runs[i];
-        if (!bloom_maybe (run, dedup))
-            continue;
-        runs->probes++;
-        put_be32 (rk, run->id);
-        rc = mdb_get (txn, store->runs, &k, &v);
-        if (rc == 0)
-            return seq_from_val (&v, seq);
-        if (rc != MDB_NOTFOUND)
-            return TLY_EIO;
-    }
-    return TLY_ENOTFOUND;
-}
-
 static void
 sth_from_val (uint64_t tree_size, const MDB_val *v, tly_sth *out)
 {
@@ -548,7 +345,7 @@ tly_reader_destroy (tly_reader **self_p)
     if (self) {
         if (self->txn)
             mdb_txn_abort (self->txn);
-        free (self->runs.runs);
+        dx_view_free (&self->view);
         free (self);
         *self_p = NULL;
     }
@@ -564,7 +361,7 @@ tly_reader_begin (tly_reader *self)
     self->active = true;
     rc = txn_size (self->store, self->txn, &self->size);
     if (!rc)
-        rc = runs_load (self->store, self->txn, &self->runs);
+        rc = dx_view_load (&self->store->dx, self->txn, &self->view);
     if (rc)
         tly_reader_end (self);
     return rc;
@@ -594,14 +391,14 @@ tly_reader_leaf (tly_reader *self, uint64_t seq, const uint8_t **leaf, size_t *l
 int
 tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq)
 {
-    return txn_lookup (self->store, self->txn, &self->runs, dedup, seq);
+    return dx_lookup (&self->store->dx, self->txn, &self->view, dedup, seq);
 }
 
 void
 tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *probes)
 {
-    *runs = self->runs.n;
-    *probes = self->runs.probes;
+    *runs = self->view.n;
+    *probes = self->view.probes;
 }
 
 int
@@ -617,87 +414,12 @@ tly_reader_sth (tly_reader *self, uint64_t tree_size, tly_sth *out)
     return txn_sth (self->store, self->txn, tree_size, out);
 }
 
-/*  Positions the scan at the first record after `after`: *in_l0 tells
-    which table the cursor belongs to. */
-static int
-scan_seek (tly_reader *self, const uint8_t *after, MDB_cursor **cur, bool *in_l0,
-           MDB_val *k, MDB_val *v)
-{
-    *in_l0 = !after || get_be32 (after) == 0;
-    if (mdb_cursor_open (self->txn, *in_l0 ? self->store->dedup : self->store->runs, cur))
-        return TLY_EIO;
-    if (!after)
-        return mdb_cursor_get (*cur, k, v, MDB_FIRST);
-    size_t len = *in_l0 ? TLY_DEDUP_LEN : RUN_KEY_LEN;
-    const uint8_t *key = *in_l0 ? after + 4 : after;
-    k->mv_size = len;
-    k->mv_data = (void *) key;
-    int rc = mdb_cursor_get (*cur, k, v, MDB_SET_RANGE);
-    if (rc == 0 && k->mv_size == len && memcmp (k->mv_data, key, len) == 0)
-        rc = mdb_cursor_get (*cur, k, v, MDB_NEXT);
-    return rc;
-}
-
 int
 tly_reader_dedup_scan (tly_reader *self, const uint8_t *after, size_t count,
                        tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN], bool *done)
 {
-    MDB_cursor *cur;
-    MDB_val k, v;
-    bool in_l0;
-    int rc = scan_seek (self, after, &cur, &in_l0, &k, &v);
-    if (rc == TLY_EIO)
-        return rc;
-    int err = TLY_OK;
-    const run_t *run = NULL;
-    *done = false;
-    for (size_t n = 0; n < count; n++) {
-        if (rc == MDB_NOTFOUND && in_l0) {
-            /*  L0 is done: the runs follow, in id order. */
-            mdb_cursor_close (cur);
-            in_l0 = false;
-            if (mdb_cursor_open (self->txn, self->store->runs, &cur))
-                return TLY_EIO;
-            rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
-        }
-        if (rc == MDB_NOTFOUND) {
-            *done = true;
-            break;
-        }
-        if (rc) {
-            err = TLY_EIO;
-            break;
-        }
-        if (k.mv_size != (in_l0 ? TLY_DEDUP_LEN : RUN_KEY_LEN) || v.mv_size != 8) {
-            err = TLY_ECORRUPT;
-            break;
-        }
-        const uint8_t *dedup = in_l0 ? k.mv_data : (uint8_t *) k.mv_data + 4;
-        if (in_l0)
-            memset (last, 0, 4);
-        else {
-            /*  A key its run's filter denies would be invisible to lookups:
-                a silent hole in deduplication. */
-            uint32_t id = get_be32 (k.mv_data);
-            if (!run || run->id != id)
-                run = runs_find (&self->runs, id);
-            if (!run || !run->bits || !bloom_maybe (run, dedup)) {
-                err = TLY_ECORRUPT;
-                break;
-            }
-            put_be32 (last, id);
-        }
-        memcpy (last + 4, dedup, TLY_DEDUP_LEN);
-        uint64_t seq;
-        memcpy (&seq, v.mv_data, 8);
-        if ((err = fn (ctx, dedup, seq)))
-            break;
-        rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
-    }
-    if (!err && rc == MDB_NOTFOUND && !in_l0)
-        *done = true;
-    mdb_cursor_close (cur);
-    return err;
+    return dx_scan (&self->store->dx, self->txn, &self->view, after, count, fn, ctx, last,
+                    done);
 }
 
 int
@@ -737,281 +459,6 @@ tly_reader_sth_scan (tly_reader *self, uint64_t from, size_t count,
     return err;
 }
 
-/* ---- the writer's side of the dedup index: flush and merge ---- */
-
-static void
-writer_drop_fresh (tly_writer *self)
-{
-    for (size_t i = 0; i < self->nfresh; i++)
-        free (self->fresh[i]);
-    free (self->fresh);
-    self->fresh = NULL;
-    self->nfresh = 0;
-}
-
-/*  A filter for a run of count keys: header then bits, zeroed.  The buffer
-    belongs to the writer until its txn ends, so lookups later in the same
-    txn can use it (the LMDB copy may sit in pages the txn spills). */
-static uint8_t *
-writer_new_filter (tly_writer *self, uint32_t count, uint32_t *nblocks)
-{
-    *nblocks = bloom_nblocks (count);
-    uint8_t **grown = realloc (self->fresh, (self->nfresh + 1) * sizeof *grown);
-    if (!grown)
-        return NULL;
-    self->fresh = grown;
-    uint8_t *buf = calloc (1, BLOOM_HDR + (size_t) *nblocks * BLOOM_BLOCK);
-    if (!buf)
-        return NULL;
-    memcpy (buf, &count, 4);
-    memcpy (buf + 4, nblocks, 4);
-    self->fresh[self->nfresh++] = buf;
-    return buf;
-}
-
-static int
-writer_store_filter (tly_writer *self, uint32_t id, uint32_t count, uint32_t nblocks,
-                     uint8_t *buf)
-{
-    uint8_t key[4];
-    put_be32 (key, id);
-    MDB_val k = { 4, key }, v = { BLOOM_HDR + (size_t) nblocks * BLOOM_BLOCK, buf };
-    int rc = mdb_put (self->txn, self->store->blooms, &k, &v, MDB_APPEND);
-    if (rc)
-        return rc == MDB_KEYEXIST ? TLY_ECORRUPT : lmdb_err (rc);
-    run_t run = { .id = id, .count = count, .nblocks = nblocks, .bits = buf + BLOOM_HDR };
-    return runs_push (&self->runs, run);
-}
-
-/*  Run ids only grow: a new run (flushed or merged) gets one above every
-    live run, so "runs" and "blooms" are written by appends only. */
-static uint32_t
-writer_next_run_id (tly_writer *self)
-{
-    return self->runs.n ? self->runs.runs[self->runs.n - 1].id + 1 : 1;
-}
-
-static int
-append_run_record (tly_writer *self, uint32_t id, const uint8_t dedup[TLY_DEDUP_LEN],
-                   const MDB_val *seq)
-{
-    uint8_t rk[RUN_KEY_LEN];
-    put_be32 (rk, id);
-    memcpy (rk + 4, dedup, TLY_DEDUP_LEN);
-    MDB_val k = { RUN_KEY_LEN, rk }, v = *seq;
-    int rc = mdb_put (self->txn, self->store->runs, &k, &v, MDB_APPEND);
-    /*  Equal keys in two places (or out of order) break the one-place rule. */
-    return rc ? (rc == MDB_KEYEXIST ? TLY_ECORRUPT : lmdb_err (rc)) : TLY_OK;
-}
-
-/*  L0 is sorted by key: walking it yields the new run in order. */
-static int
-flush_l0 (tly_writer *self, bool *flushed)
-{
-    MDB_txn *txn = self->txn;
-    MDB_stat st;
-    *flushed = false;
-    if (mdb_stat (txn, self->store->dedup, &st))
-        return TLY_EIO;
-    if (st.ms_entries < self->store->l0_max)
-        return TLY_OK;
-    if (st.ms_entries > UINT32_MAX)
-        return TLY_ETOOLARGE;
-    uint32_t id = writer_next_run_id (self), count = (uint32_t) st.ms_entries, nblocks;
-    uint8_t *buf = writer_new_filter (self, count, &nblocks);
-    if (!buf)
-        return TLY_ENOMEM;
-    MDB_cursor *cur;
-    if (mdb_cursor_open (txn, self->store->dedup, &cur))
-        return TLY_EIO;
-    MDB_val k, v;
-    int err = TLY_OK;
-    uint32_t n = 0;
-    int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
-    for (; rc == 0 && !err; rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT), n++) {
-        if (k.mv_size != TLY_DEDUP_LEN || v.mv_size != 8)
-            err = TLY_ECORRUPT;
-        else
-        if (!(err = append_run_record (self, id, k.mv_data, &v)))
-            bloom_add (buf + BLOOM_HDR, nblocks, k.mv_data);
-    }
-    mdb_cursor_close (cur);
-    if (!err && rc != MDB_NOTFOUND)
-        err = TLY_EIO;
-    if (!err && n != count)
-        err = TLY_ECORRUPT;
-    if (!err)
-        err = writer_store_filter (self, id, count, nblocks, buf);
-    if (!err && mdb_drop (txn, self->store->dedup, 0))
-        err = TLY_EIO;
-    *flushed = !err;
-    return err;
-}
-
-/*  Tier t holds runs of about l0_max * MERGE_FANIN^t keys. */
-static unsigned
-run_tier (const tly_store *store, uint32_t count)
-{
-    uint64_t c = count / store->l0_max;
-    unsigned t = 0;
-    for (; c >= MERGE_FANIN; c /= MERGE_FANIN)
-        t++;
-    return t;
-}
-
-typedef struct {
-    MDB_cursor *cur;
-    uint32_t id;
-    uint8_t key[TLY_DEDUP_LEN];
-    MDB_val seq;
-    uint64_t seq_copy;
-    bool live;
-} merge_head;
-
-/*  Reads the cursor's current record into the head if it still belongs to
-    the head's run.  Copies: the pages under a cursor may move as we append. */
-static int
-head_load (merge_head *h, int rc, const MDB_val *k, const MDB_val *v)
-{
-    h->live = false;
-    if (rc == MDB_NOTFOUND)
-        return TLY_OK;
-    if (rc)
-        return TLY_EIO;
-    if (k->mv_size != RUN_KEY_LEN || get_be32 (k->mv_data) != h->id)
-        return TLY_OK;
-    if (v->mv_size != 8)
-        return TLY_ECORRUPT;
-    memcpy (h->key, (uint8_t *) k->mv_data + 4, TLY_DEDUP_LEN);
-    memcpy (&h->seq_copy, v->mv_data, 8);
-    h->seq.mv_size = 8;
-    h->seq.mv_data = &h->seq_copy;
-    h->live = true;
-    return TLY_OK;
-}
-
-static int
-delete_run (tly_writer *self, uint32_t id)
-{
-    uint8_t rk[RUN_KEY_LEN] = { 0 };
-    put_be32 (rk, id);
-    MDB_cursor *cur;
-    if (mdb_cursor_open (self->txn, self->store->runs, &cur))
-        return TLY_EIO;
-    MDB_val k = { RUN_KEY_LEN, rk }, v;
-    int rc = mdb_cursor_get (cur, &k, &v, MDB_SET_RANGE);
-    while (rc == 0 && k.mv_size == RUN_KEY_LEN && get_be32 (k.mv_data) == id) {
-        if ((rc = mdb_cursor_del (cur, 0)))
-            break;
-        /*  After a delete the cursor already stands on the successor;
-            MDB_NEXT returns it (LMDB's C_DEL rule). */
-        rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
-    }
-    mdb_cursor_close (cur);
-    if (rc && rc != MDB_NOTFOUND)
-        return lmdb_err (rc);
-    MDB_val bk = { 4, rk };
-    rc = mdb_del (self->txn, self->store->blooms, &bk, NULL);
-    return rc ? (rc == MDB_NOTFOUND ? TLY_ECORRUPT : lmdb_err (rc)) : TLY_OK;
-}
-
-/*  K-way merge of the runs at idx[0..n) (all in self->runs) into a new
-    run appended after every live one, then deletes them. */
-static int
-merge_runs (tly_writer *self, const size_t *idx, size_t n)
-{
-    merge_head heads[MERGE_FANIN];
-    uint64_t total = 0;
-    for (size_t i = 0; i < n; i++)
-        total += self->runs.runs[idx[i]].count;
-    if (total > UINT32_MAX)
-        return TLY_ETOOLARGE;
-    uint32_t id = writer_next_run_id (self), nblocks;
-    uint8_t *buf = writer_new_filter (self, (uint32_t) total, &nblocks);
-    if (!buf)
-        return TLY_ENOMEM;
-    int err = TLY_OK;
-    size_t opened = 0;
-    for (; opened < n && !err; opened++) {
-        merge_head *h = &heads[opened];
-        h->id = self->runs.runs[idx[opened]].id;
-        if (mdb_cursor_open (self->txn, self->store->runs, &h->cur)) {
-            err = TLY_EIO;
-            break;
-        }
-        uint8_t rk[RUN_KEY_LEN] = { 0 };
-        put_be32 (rk, h->id);
-        MDB_val k = { RUN_KEY_LEN, rk }, v;
-        err = head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_SET_RANGE), &k, &v);
-    }
-    uint64_t written = 0;
-    while (!err) {
-        merge_head *min = NULL;
-        for (size_t i = 0; i < n; i++)
-            if (heads[i].live && (!min || memcmp (heads[i].key, min->key, TLY_DEDUP_LEN) < 0))
-                min = &heads[i];
-        if (!min)
-            break;
-        if ((err = append_run_record (self, id, min->key, &min->seq)))
-            break;
-        bloom_add (buf + BLOOM_HDR, nblocks, min->key);
-        written++;
-        MDB_val k, v;
-        err = head_load (min, mdb_cursor_get (min->cur, &k, &v, MDB_NEXT), &k, &v);
-    }
-    for (size_t i = 0; i < opened; i++)
-        mdb_cursor_close (heads[i].cur);
-    if (!err && written != total)
-        err = TLY_ECORRUPT;         /* a filter header disagrees with its run */
-    for (size_t i = 0; i < n && !err; i++)
-        err = delete_run (self, self->runs.runs[idx[i]].id);
-    if (err)
-        return err;
-    /*  Drop the merged runs from the list (idx is ascending), then add the
-        new one, which has the highest id. */
-    size_t out = 0, j = 0;
-    for (size_t i = 0; i < self->runs.n; i++)
-        if (j < n && idx[j] == i)
-            j++;
-        else
-            self->runs.runs[out++] = self->runs.runs[i];
-    self->runs.n = out;
-    return writer_store_filter (self, id, (uint32_t) total, nblocks, buf);
-}
-
-/*  Merges the oldest MERGE_FANIN runs of the lowest tier that has that
-    many; *merged tells whether it did. */
-static int
-merge_one_tier (tly_writer *self, bool *merged)
-{
-    enum { TIERS = 16 };
-    size_t idx[TIERS][MERGE_FANIN], have[TIERS] = { 0 };
-    *merged = false;
-    for (size_t i = 0; i < self->runs.n; i++) {
-        unsigned t = run_tier (self->store, self->runs.runs[i].count);
-        if (t >= TIERS)
-            t = TIERS - 1;
-        if (have[t] < MERGE_FANIN)
-            idx[t][have[t]++] = i;
-    }
-    for (unsigned t = 0; t < TIERS; t++)
-        if (have[t] == MERGE_FANIN) {
-            *merged = true;
-            return merge_runs (self, idx[t], MERGE_FANIN);
-        }
-    return TLY_OK;
-}
-
-int
-tly_writer_compact (tly_writer *self)
-{
-    bool changed;
-    int err = flush_l0 (self, &changed);
-    while (!err && changed)
-        err = merge_one_tier (self, &changed);
-    return err;
-}
-
 /* ---- the writer ---- */
 
 static int
@@ -1029,8 +476,13 @@ tly_writer_open (tly_store *store, const uint8_t pk[TLY_PK_LEN], tly_writer **ou
     if (!self)
         return TLY_ENOMEM;
     self->store = store;
+    if (dx_writer_new (&store->dx, &self->dx)) {
+        free (self);
+        return TLY_ENOMEM;
+    }
     int rc = mdb_txn_begin (store->env, NULL, MDB_RDONLY, &self->txn);
     if (rc) {
+        dx_writer_destroy (&self->dx);
         free (self);
         *why = mdb_strerror (rc);
         return TLY_EIO;
@@ -1066,6 +518,7 @@ tly_writer_open (tly_store *store, const uint8_t pk[TLY_PK_LEN], tly_writer **ou
     mdb_txn_abort (self->txn);
     self->txn = NULL;
     if (err) {
+        dx_writer_destroy (&self->dx);
         free (self);
         return err;
     }
@@ -1081,8 +534,7 @@ tly_writer_destroy (tly_writer **self_p)
     if (self) {
         if (self->txn)
             mdb_txn_abort (self->txn);
-        writer_drop_fresh (self);
-        free (self->runs.runs);
+        dx_writer_destroy (&self->dx);
         free (self);
         *self_p = NULL;
     }
@@ -1093,10 +545,9 @@ tly_writer_begin (tly_writer *self)
 {
     if (self->txn)
         tly_writer_abort (self);
-    writer_drop_fresh (self);
     if (mdb_txn_begin (self->store->env, NULL, 0, &self->txn))
         return TLY_EIO;
-    int err = runs_load (self->store, self->txn, &self->runs);
+    int err = dx_writer_begin (self->dx, self->txn);
     if (err)
         tly_writer_abort (self);
     return err;
@@ -1111,7 +562,7 @@ tly_writer_next_seq (tly_writer *self)
 int
 tly_writer_lookup (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq)
 {
-    return txn_lookup (self->store, self->txn, &self->runs, dedup, seq);
+    return dx_writer_lookup (self->dx, dedup, seq);
 }
 
 int
@@ -1147,19 +598,15 @@ writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
         so the runs are asked first, unless the caller just did. */
     uint64_t seq = self->frontier.size, old;
     int err = checked ? TLY_ENOTFOUND
-                      : txn_lookup (self->store, self->txn, &self->runs, dedup, &old);
+                      : dx_writer_lookup (self->dx, dedup, &old);
     if (err == TLY_OK)
         return TLY_EEXIST;
     if (err != TLY_ENOTFOUND)
         return err;
-    MDB_val dk = { TLY_DEDUP_LEN, (void *) dedup }, dv = { 8, &seq };
-    int rc = mdb_put (self->txn, self->store->dedup, &dk, &dv, MDB_NOOVERWRITE);
-    if (rc == MDB_KEYEXIST)
-        return TLY_EEXIST;
-    if (rc)
-        return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
+    if ((err = dx_writer_insert (self->dx, dedup, seq)))
+        return err;
     MDB_val k = { 8, &seq }, v = { len, (void *) leaf };
-    rc = mdb_put (self->txn, self->store->entries, &k, &v, MDB_APPEND);
+    int rc = mdb_put (self->txn, self->store->entries, &k, &v, MDB_APPEND);
     if (rc)
         return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
     tly_merkle_leaf_hash (leaf, len, leaf_hash);
@@ -1181,14 +628,26 @@ tly_writer_append_new (tly_writer *self, const uint8_t *leaf, size_t len,
 }
 
 int
+tly_writer_compact (tly_writer *self)
+{
+    return dx_writer_finish (self->dx);
+}
+
+void
+tly_writer_dedup_backlog (tly_writer *self, size_t *builds, size_t *dead)
+{
+    dx_writer_backlog (self->dx, builds, dead);
+}
+
+int
 tly_writer_commit (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
                    const char **why)
 {
-    /*  Compaction rides in the commit's txn: a crash leaves either the old
-        or the new layout, never half of one. */
-    int err = tly_writer_compact (self);
+    /*  The index's maintenance rides in the commit's txn, a slice at a
+        time: a crash leaves either the old or the new layout. */
+    int err = dx_writer_maintain (self->dx, self->frontier.size - self->committed.size);
     if (err) {
-        *why = "moving the idempotency index's recent keys into a sorted run failed";
+        *why = "maintaining the idempotency index (merging its sorted runs) failed";
         tly_writer_abort (self);
         return err;
     }
@@ -1214,8 +673,7 @@ tly_writer_commit (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
     else
         mdb_txn_abort (self->txn);
     self->txn = NULL;
-    writer_drop_fresh (self);
-    self->runs.n = 0;               /* reloaded by the next begin */
+    dx_writer_end (self->dx, rc == 0);
     if (rc) {
         *why = mdb_strerror (rc);
         self->frontier = self->committed;
@@ -1235,8 +693,7 @@ tly_writer_abort (tly_writer *self)
         mdb_txn_abort (self->txn);
         self->txn = NULL;
     }
-    writer_drop_fresh (self);
-    self->runs.n = 0;               /* reloaded by the next begin */
+    dx_writer_end (self->dx, false);
     self->frontier = self->committed;
 }
 

@@ -295,6 +295,25 @@ live_runs (tly_reader *r)
     return runs;
 }
 
+/*  A store with a tiny L0, its writer and a reader. */
+static void
+open_lsm (fixture *f, size_t l0, tly_store **s, tly_writer **w, tly_reader **r)
+{
+    const char *why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, s, &why), TLY_OK);
+    tly_store_set_l0_max (*s, l0);
+    assert_int_equal (tly_writer_open (*s, f->pk, w, &why), TLY_OK);
+    assert_int_equal (tly_reader_new (*s, r), TLY_OK);
+}
+
+static void
+close_lsm (tly_store **s, tly_writer **w, tly_reader **r)
+{
+    tly_reader_destroy (r);
+    tly_writer_destroy (w);
+    tly_store_close (s);
+}
+
 static void
 test_dedup_lsm (void **state)
 {
@@ -464,10 +483,7 @@ test_dedup_abort_merge (void **state)
     tly_writer *w;
     tly_reader *r;
     const char *why = NULL;
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
-    tly_store_set_l0_max (s, 16);
-    assert_int_equal (tly_writer_open (s, f->pk, &w, &why), TLY_OK);
-    assert_int_equal (tly_reader_new (s, &r), TLY_OK);
+    open_lsm (f, 16, &s, &w, &r);
     int n = 0;
     for (int c = 0; c < 7; c++) {
         assert_int_equal (tly_writer_begin (w), TLY_OK);
@@ -500,14 +516,86 @@ test_dedup_abort_merge (void **state)
     assert_int_equal (scan_all (s, r, (uint64_t) n, 10, &visits), TLY_OK);
     assert_int_equal (visits, (uint64_t) n);
 
-    /*  The same work committed: one merged run of 128 keys. */
+    /*  The same work committed: the merge of the 8 runs takes a slice of
+        each later commit; at every commit every key is found in exactly
+        one visible place; in the end one run of 128 keys. */
     assert_int_equal (tly_writer_begin (w), TLY_OK);
     for (int i = 0; i < 16; i++, n++)
         assert_int_equal (append_key (w, s, n), TLY_OK);
     assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+    assert_int_equal (live_runs (r), 8);
+    bool saw_build = false;
+    for (int c = 0; c < 100; c++) {
+        size_t builds, dead;
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        assert_int_equal (append_key (w, s, n++), TLY_OK);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+        check_all_found (s, w, r, n);
+        assert_int_equal (scan_all (s, r, (uint64_t) n, 10, &visits), TLY_OK);
+        assert_int_equal (visits, (uint64_t) n);
+        tly_writer_dedup_backlog (w, &builds, &dead);
+        saw_build |= builds > 0;
+        if (!builds && !dead)
+            break;
+    }
+    assert_true (saw_build);
     assert_int_equal (live_runs (r), 1);
+    tly_reader_destroy (&r);
+    tly_writer_destroy (&w);
+    tly_store_close (&s);
+}
+
+/*  Commits until a merge is half done, then the writer goes away (as in
+    a crash: the state is what the last commit left).  Reopened, every key
+    is found, the half-built run is dead and deleted by later commits, and
+    the merge starts again and ends. */
+static void
+test_dedup_restart_mid_merge (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    tly_writer *w;
+    tly_reader *r;
+    const char *why = NULL;
+    open_lsm (f, 64, &s, &w, &r);
+    int n = 0;
+    size_t builds = 0, dead = 0;
+    /*  Commits of 16 keys: budget 2 * 16 + 32 per job, a 512-key merge
+        takes several commits. */
+    for (int c = 0; c < 200; c++) {
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        for (int i = 0; i < 16; i++, n++)
+            assert_int_equal (append_key (w, s, n), TLY_OK);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+        tly_writer_dedup_backlog (w, &builds, &dead);
+        if (live_runs (r) >= 8 && builds > 0)
+            break;
+    }
+    assert_true (builds > 0);
+    close_lsm (&s, &w, &r);
+    open_lsm (f, 64, &s, &w, &r);
     check_all_found (s, w, r, n);
-    assert_int_equal (scan_all (s, r, (uint64_t) n, 10, &visits), TLY_OK);
+    uint64_t visits;
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 7, &visits), TLY_OK);
+    assert_int_equal (visits, (uint64_t) n);
+    /*  The begin in check_all_found loaded the state: the half-built run
+        is dead now, and nothing is being built. */
+    tly_writer_dedup_backlog (w, &builds, &dead);
+    assert_int_equal (builds, 0);
+    assert_true (dead >= 1);
+    for (int c = 0; c < 200; c++) {
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        assert_int_equal (append_key (w, s, n++), TLY_OK);
+        assert_int_equal (append_key (w, s, 1), TLY_EEXIST);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+        tly_writer_dedup_backlog (w, &builds, &dead);
+        if (!builds && !dead)
+            break;
+    }
+    assert_int_equal (builds, 0);
+    assert_int_equal (dead, 0);
+    check_all_found (s, w, r, n);
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 100, &visits), TLY_OK);
     assert_int_equal (visits, (uint64_t) n);
     tly_reader_destroy (&r);
     tly_writer_destroy (&w);
@@ -552,6 +640,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_empty_store, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_lsm, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_abort_merge, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_restart_mid_merge, setup, teardown),
         cmocka_unit_test_setup_teardown (test_refuse_format_1, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);

@@ -8,42 +8,56 @@
                completed, m = ((index + 1) << level) - 1: appends only).
                Levels >= 1 only: a leaf hash is SHA-256 of bytes already
                stored, so tly_reader_node (0, seq) computes it from the entry.
-      dedup    16-byte keyed BLAKE2b of (customer, key) -> seq (u64): "L0",
-               the most recent keys only (see below)
-      runs     run id (u32 big-endian) || dedup (16 B)     -> seq (u64)
+      dedup, dedup.1  16-byte keyed BLAKE2b of (customer, key) -> seq (u64):
+               the two "L0" tables, the most recent keys only (see below)
+      runs.0 .. runs.9  run id (u32 big-endian) || dedup (16 B) -> seq (u64):
+               the sorted runs of tier 0 .. 9
       blooms   run id (u32 big-endian) -> count (u32) || nblocks (u32) ||
-               nblocks * 64 B of blocked Bloom filter (host byte order)
+               tier (u32) || nblocks * 64 B of blocked Bloom filter (host
+               byte order): one record per visible run
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
-      meta     "format" -> "2", "dedup_key" -> 32 random bytes
+      meta     "format" -> "3", "dedup_key" -> 32 random bytes,
+               "dedup.state" -> the index's maintenance state (src/dedup.c)
 
     The deduplication index is a small LSM tree, so that what a commit
     writes stays proportional to the commit, and sequential, at any index
     size (a single table keyed by random hashes dirties nearly every one of
-    its pages per commit once it is large):
-      - appends put their key into L0 (random writes, but L0 stays small);
-      - when a commit finds L0 holding >= l0_max keys (16384; env
-        TALLY_L0_MAX or tly_store_set_l0_max), it walks L0 in key order into
-        a new sorted run with MDB_APPEND, stores the run's Bloom filter
-        (12 bits per key; one 64-byte block picked by dedup bytes 0..7, 7
-        bits in it from bytes 8..15: ~0.5% false positives) and empties L0;
-      - when MERGE_FANIN (8) runs of one tier exist (tier t: about
-        l0_max * 8^t keys), the same commit merges them into a new run
-        and deletes them.  So O(8 log8 (N / l0_max)) runs live at a time.
-    Run ids only grow (a new run gets one above every live run): "runs" and
-    "blooms" only ever receive appends.  A key lives in exactly one place
-    (L0 or one run); a lookup asks L0, then each run newest first whose
-    filter says "maybe".  All of it happens in the writer's txn, so a crash
-    or an abort leaves the old layout and readers see a consistent one.
-    Format 1 (dedup only) data dirs are refused by tly_store_open.
+    its pages per commit once it is large), and so that no commit does work
+    proportional to the index (src/dedup.h):
+      - appends put their key into the active L0 (random writes, but L0
+        stays small);
+      - when the active L0 holds >= l0_max keys (16384; env TALLY_L0_MAX
+        or tly_store_set_l0_max), the other L0 becomes active and the full
+        one is copied in key order, a slice per commit, into a new run of
+        tier 0 with MDB_APPEND; its Bloom filter (12 bits per key; one
+        64-byte block picked by dedup bytes 0..7, 7 bits in it from bytes
+        8..15: ~0.5% false positives) is stored, and the frozen L0
+        emptied, by the commit that copies the last key;
+      - when 8 runs of tier t are visible, they are merged the same way,
+        a slice per commit, into a run of tier t + 1; the commit that ends
+        the merge makes the new run visible and the 8 old ones invisible
+        ("dead"), and later commits delete the dead runs' records a slice
+        at a time.  So O(8 log8 (N / l0_max)) runs are visible at a time.
+    Each slice moves about 2 records per event the commit appends, per job,
+    which keeps every job ahead of the appends.  A run being built has the
+    highest id in its tier's table, so each table only receives appends.
+    A key is visible in exactly one place (an L0 or one visible run); a
+    lookup asks the L0s, then each visible run newest first whose filter
+    says "maybe".  All of it happens in the writer's txns, so a crash or an
+    abort leaves a consistent layout; a run half built at a crash is
+    deleted and its build starts again.  Format 1 and 2 data dirs are
+    refused by tly_store_open.
 
     Every appended entry, its nodes, its dedup record and the commit's signed
     head land in one LMDB transaction, fsync'd before the commit returns:
     after a crash the ledger is exactly some committed prefix.  Every stored
     byte is covered by a hash the scrubber can check: leaves by their
-    level-1 parents (the last, odd one by the signed root), nodes by their children, the root by the signed head, dedup
-    records by re-hashing the entry they name; each run's Bloom filter must
+    level-1 parents (the last, odd one by the signed root), nodes by their
+    children, the root by the signed head, visible dedup records by
+    re-hashing the entry they name; each visible run's Bloom filter must
     say "maybe" for every key of its run (a flipped bit there would hide a
-    key from lookups).
+    key from lookups).  Records of runs being built or deleted are not
+    visible, so not checked; a finished build is checked by the next pass.
 
     Threads: one writer (the receipt actor) at a time; any number of
     readers, one tly_reader per thread (the env uses MDB_NOTLS, so a reader
@@ -57,8 +71,9 @@
 #include "sth.h"
 
 #define TLY_DEDUP_LEN 16
-/*  A position in tly_reader_dedup_scan: run id (u32 BE, 0 = L0) || dedup. */
-#define TLY_DEDUP_POS_LEN (4 + TLY_DEDUP_LEN)
+/*  A position in tly_reader_dedup_scan: table (u8) || run id (u32 BE) ||
+    dedup; opaque to callers. */
+#define TLY_DEDUP_POS_LEN (1 + 4 + TLY_DEDUP_LEN)
 
 typedef struct tly_store tly_store;
 typedef struct tly_reader tly_reader;
@@ -146,13 +161,18 @@ int tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
     which guarantee this, use it. */
 int tly_writer_append_new (tly_writer *self, const uint8_t *leaf, size_t len,
                            const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32]);
-/*  Inside the open txn: if L0 holds >= l0_max keys, moves it into a new
-    run, then merges runs while a tier has 8.  tly_writer_commit calls it;
-    exposed for tests (compact, then abort: nothing changed). */
+/*  Inside the open txn: all pending maintenance of the dedup index at
+    once (flush a full L0, finish every merge, delete every dead run),
+    whatever it costs.  Commits do it a slice at a time instead; this is
+    for tests and tools (compact, then abort: nothing changed). */
 int tly_writer_compact (tly_writer *self);
-/*  Compacts the dedup index (above), signs the new head with sk, stores
-    it, and commits durably (fsync).  On failure everything since begin is
-    rolled back. */
+/*  The dedup index's pending maintenance as of the last begin or commit:
+    runs being built, and dead runs whose records are still to delete. */
+void tly_writer_dedup_backlog (tly_writer *self, size_t *builds, size_t *dead);
+/*  Does a slice of the dedup index's maintenance (about 2 records per
+    appended event per job), signs the new head with sk, stores it, and
+    commits durably (fsync).  On failure everything since begin is rolled
+    back. */
 int tly_writer_commit (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
                        const char **why);
 /*  Drops everything since begin. */

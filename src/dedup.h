@@ -1,0 +1,94 @@
+/*  dedup.h -- the idempotency index, private to the store (store.c is its
+    only user; store.h documents the layout and the guarantees).
+
+    An LSM tree inside the ledger's LMDB environment:
+      - two L0 tables, "dedup" and "dedup.1": appends go into the active
+        one; when it holds l0_max keys the other becomes active and the full
+        one is "frozen" until a build has copied it into a sorted run;
+      - sorted runs in one table per tier ("runs.0" .. "runs.9"), keyed run
+        id (u32 BE) || dedup; a run becomes visible when its Bloom filter is
+        stored in "blooms" and invisible when that record is deleted;
+      - builds (a flush of the frozen L0 into tier 0, or a merge of 8 runs
+        of tier t into tier t + 1) advance a bounded slice per commit,
+        invisible until the commit that finishes them; the runs they
+        replace become "dead" and are deleted a slice per commit too.
+    So a commit's index work is proportional to the events it appends,
+    never to the size of the index.
+
+    Threads: the writer functions run on the writer's thread inside its
+    write txn; dx_view_load / dx_lookup / dx_scan run in any txn. */
+#ifndef TALLY_DEDUP_H
+#define TALLY_DEDUP_H
+
+#include <lmdb.h>
+#include "tally/store.h"
+
+#define DX_TIERS 10                 /* tier tables; tier 9 runs never merge */
+
+/*  The tables, opened once by the store. */
+typedef struct {
+    MDB_dbi l0[2];
+    MDB_dbi tier[DX_TIERS];
+    MDB_dbi blooms;
+    MDB_dbi meta;
+    size_t l0_max;
+} dx_tables;
+
+/*  One visible run as seen by one snapshot.  bits point into the LMDB map
+    or, for a run finished in the writer's open txn, into the writer's heap.
+    NULL bits (a malformed filter) mean "maybe" for every key: no false
+    negative; the scrubber reports it. */
+typedef struct {
+    uint32_t id;
+    uint32_t tier;
+    uint32_t count;
+    uint32_t nblocks;
+    const uint8_t *bits;
+} dx_run;
+
+/*  The visible runs of one snapshot, ascending id. */
+typedef struct {
+    dx_run *runs;
+    size_t n, cap;
+    uint64_t probes;                /* run reads by lookups (statistics) */
+} dx_view;
+
+typedef struct dx_writer dx_writer;
+
+/*  Opens (creating) every table of the index in txn. */
+int dx_open (MDB_txn *txn, dx_tables *t);
+
+int dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view);
+void dx_view_free (dx_view *view);
+/*  TLY_OK with *seq, or TLY_ENOTFOUND. */
+int dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
+               const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq);
+/*  tly_reader_dedup_scan (store.h). */
+int dx_scan (const dx_tables *t, MDB_txn *txn, const dx_view *view, const uint8_t *after,
+             size_t count, tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN],
+             bool *done);
+
+/* ---- the writer's side ---- */
+
+int dx_writer_new (const dx_tables *t, dx_writer **out);
+void dx_writer_destroy (dx_writer **self_p);
+/*  A write txn began: loads the visible runs (and, the first time or after
+    a failed txn, the maintenance state). */
+int dx_writer_begin (dx_writer *self, MDB_txn *txn);
+int dx_writer_lookup (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq);
+/*  Puts key -> seq into the active L0: TLY_EEXIST if it is there already
+    (the caller has asked dx_writer_lookup about the rest of the index). */
+int dx_writer_insert (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t seq);
+/*  Before the commit of a txn that appended `appended` events: a slice of
+    maintenance (starting builds, advancing each, deleting dead runs),
+    about DX_RATE records per appended event per job. */
+int dx_writer_maintain (dx_writer *self, uint64_t appended);
+/*  All pending maintenance now, whatever it costs (tests, tools). */
+int dx_writer_finish (dx_writer *self);
+/*  The txn ended: committed, or aborted (then any maintenance done in it is
+    forgotten; unfinished builds are started again later). */
+void dx_writer_end (dx_writer *self, bool committed);
+/*  Builds in progress and dead runs awaiting deletion (tests, status). */
+void dx_writer_backlog (dx_writer *self, size_t *builds, size_t *dead);
+
+#endif
