@@ -10,7 +10,7 @@
 #include "dedup.h"
 
 #define STH_VAL_LEN (8 + 32 + TLY_SIG_LEN)
-#define FORMAT "3"
+#define FORMAT "4"
 /*  L0's size trades its random page writes (about min(group, L0 pages) per
     commit) against one more merge level per factor 8: measured with
     1,000-event commits to 2M keys, 8K-32K beat 64K-128K by 1.3-1.5x. */
@@ -110,7 +110,7 @@ open_dbis (tly_store *self, const char **why)
     else
     if (rc == 0 && !format_ok (txn, self->meta)) {
         mdb_txn_abort (txn);
-        *why = "the ledger in this data dir is not format " FORMAT " (formats 1 and 2 "
+        *why = "the ledger in this data dir is not format " FORMAT " (formats 1 to 3 "
                "laid out the idempotency index differently): this tallyd reads format "
                FORMAT " only; start from a fresh data dir (there is no migration)";
         return TLY_EINVAL;

@@ -16,7 +16,7 @@
                tier (u32) || nblocks * 64 B of blocked Bloom filter (host
                byte order): one record per visible run
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
-      meta     "format" -> "3", "dedup_key" -> 32 random bytes,
+      meta     "format" -> "4", "dedup_key" -> 32 random bytes,
                "dedup.state" -> the index's maintenance state (src/dedup.c)
 
     The deduplication index is a small LSM tree, so that what a commit
@@ -30,8 +30,8 @@
         or tly_store_set_l0_max), the other L0 becomes active and the full
         one is copied in key order, a slice per commit, into a new run of
         tier 0 with MDB_APPEND; its Bloom filter (12 bits per key; one
-        64-byte block picked by dedup bytes 0..7, 7 bits in it from bytes
-        8..15: ~0.5% false positives) is stored, and the frozen L0
+        64-byte block picked by range from dedup bytes 0..3, 7 bits in it
+        from bytes 8..15: ~0.5% false positives) is stored, and the frozen L0
         emptied, by the commit that copies the last key;
       - when 8 runs of tier t are visible, they are merged the same way,
         a slice per commit, into a run of tier t + 1; the commit that ends
@@ -45,7 +45,7 @@
     lookup asks the L0s, then each visible run newest first whose filter
     says "maybe".  All of it happens in the writer's txns, so a crash or an
     abort leaves a consistent layout; a run half built at a crash is
-    deleted and its build starts again.  Format 1 and 2 data dirs are
+    deleted and its build starts again.  Data dirs of formats 1 to 3 are
     refused by tly_store_open.
 
     Every appended entry, its nodes, its dedup record and the commit's signed
