@@ -712,19 +712,24 @@ on_request (ingest_t *self, zmsg_t *msg)
     zframe_destroy (&frame);
 }
 
+/*  Everything waiting on the link, up to BURST messages: the receipt
+    actor answers a whole group at once, and one poll per answer would
+    cost a syscall each. */
 static void
 on_link (ingest_t *self, zsock_t *link)
 {
-    tly_link_msg m;
-    if (tly_link_recv (link, &m) == TLY_OK) {
-        if (link == self->receipt)
-            on_receipt (self, &m);
+    for (int i = 0; i < BURST && (i == 0 || (zsock_events (link) & ZMQ_POLLIN)); i++) {
+        tly_link_msg m;
+        if (tly_link_recv (link, &m) == TLY_OK) {
+            if (link == self->receipt)
+                on_receipt (self, &m);
+            else
+                on_quota (self, &m);
+        }
         else
-            on_quota (self, &m);
+            tly_error (WHO, "dropping a malformed internal message (a bug)");
+        tly_link_done (&m);
     }
-    else
-        tly_error (WHO, "dropping a malformed internal message (a bug)");
-    tly_link_done (&m);
 }
 
 static void
