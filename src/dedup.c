@@ -934,9 +934,11 @@ maintain (dx_writer *self, uint64_t budget, bool *worked)
     for (unsigned j = 0; j < DX_TIERS && !err; j++)
         if (self->build[j].on)
             err = j == 0 ? flush_step (self, budget) : merge_step (self, j, budget);
-    /*  Dead records come from every tier's merges: scale with their count. */
+    /*  Dead records come from every tier's merges: scale with their count
+        (saturating: finish passes a budget meant as "everything"). */
+    uint64_t scale = 1 + dead / MERGE_FANIN;
     if (!err)
-        err = reap_dead (self, budget * (1 + dead / MERGE_FANIN));
+        err = reap_dead (self, budget > UINT64_MAX / scale ? UINT64_MAX : budget * scale);
     if (!err && self->changes != changes)
         err = state_store (self);
     if (err) {

@@ -295,6 +295,20 @@ live_runs (tly_reader *r)
     return runs;
 }
 
+/*  The ledger's LMDB env opened directly (to damage it on purpose), with a
+    write txn begun. */
+static void
+raw_ledger_begin (fixture *f, size_t map_size, MDB_env **env, MDB_txn **txn)
+{
+    char path[128];
+    snprintf (path, sizeof path, "%s/ledger", f->dir);
+    assert_int_equal (mdb_env_create (env), 0);
+    assert_int_equal (mdb_env_set_maxdbs (*env, 8), 0);
+    assert_int_equal (mdb_env_set_mapsize (*env, map_size), 0);
+    assert_int_equal (mdb_env_open (*env, path, MDB_NOTLS, 0644), 0);
+    assert_int_equal (mdb_txn_begin (*env, NULL, 0, txn), 0);
+}
+
 /*  A store with a tiny L0, its writer and a reader. */
 static void
 open_lsm (fixture *f, size_t l0, tly_store **s, tly_writer **w, tly_reader **r)
@@ -443,13 +457,7 @@ test_dedup_lsm (void **state)
     MDB_env *env;
     MDB_txn *txn;
     MDB_dbi blooms;
-    char path[128];
-    snprintf (path, sizeof path, "%s/ledger", f->dir);
-    assert_int_equal (mdb_env_create (&env), 0);
-    assert_int_equal (mdb_env_set_maxdbs (env, 8), 0);
-    assert_int_equal (mdb_env_set_mapsize (env, 1 << 28), 0);
-    assert_int_equal (mdb_env_open (env, path, MDB_NOTLS, 0644), 0);
-    assert_int_equal (mdb_txn_begin (env, NULL, 0, &txn), 0);
+    raw_ledger_begin (f, 1 << 28, &env, &txn);
     assert_int_equal (mdb_dbi_open (txn, "blooms", 0, &blooms), 0);
     MDB_cursor *cur;
     MDB_val k, v;
@@ -614,13 +622,7 @@ test_refuse_format_1 (void **state)
     MDB_env *env;
     MDB_txn *txn;
     MDB_dbi meta;
-    char path[128];
-    snprintf (path, sizeof path, "%s/ledger", f->dir);
-    assert_int_equal (mdb_env_create (&env), 0);
-    assert_int_equal (mdb_env_set_maxdbs (env, 8), 0);
-    assert_int_equal (mdb_env_set_mapsize (env, 1 << 26), 0);
-    assert_int_equal (mdb_env_open (env, path, MDB_NOTLS, 0644), 0);
-    assert_int_equal (mdb_txn_begin (env, NULL, 0, &txn), 0);
+    raw_ledger_begin (f, 1 << 26, &env, &txn);
     assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
     MDB_val k = { 6, "format" }, v = { 1, "1" };
     assert_int_equal (mdb_put (txn, meta, &k, &v, 0), 0);
