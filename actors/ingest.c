@@ -19,6 +19,7 @@
 #include "tally/log.h"
 #include "tally/merkle.h"
 #include "tally/msg.h"
+#include "tally/nodecache.h"
 #include "tally/quota.h"
 
 #define WHO "ingest"
@@ -26,6 +27,7 @@
 #define SLOT_TTL_MS 120000          /* a client has long given up by then */
 #define DRAIN_MS 5000
 #define BURST 256                   /* requests read per wake-up at most */
+#define NODE_CACHE_LOG2 17          /* 128k nodes, 5 MiB: the upper levels of ~30M leaves */
 
 typedef enum { SLOT_FREE, SLOT_INGEST, SLOT_QUOTA } slot_kind;
 
@@ -48,6 +50,8 @@ typedef struct {
     tly_actor_env *env;
     zsock_t *api, *receipt, *quota;
     tly_reader *reader;
+    bool snapshot;                  /* reader begun for this burst */
+    tly_nodecache *nodes;           /* proofs' reads of the upper levels */
     slot_t *slots;
     uint32_t free_hint;
     uint32_t busy;
@@ -56,6 +60,34 @@ typedef struct {
     tly_buf msg;                    /* link messages */
     tly_buf tails;
 } ingest_t;
+
+/* ---- the read snapshot ---- */
+
+/*  Reads share one snapshot per burst of requests.  Acknowledgements go
+    out only between bursts (on_link), after their commit, so a request
+    sent after its client saw an acknowledgement is read in a snapshot
+    begun after that commit: reads still see every acknowledged write. */
+static int
+snapshot (ingest_t *self)
+{
+    if (self->snapshot)
+        return TLY_OK;
+    int rc = tly_reader_begin (self->reader);
+    self->snapshot = rc == TLY_OK;
+    if (self->snapshot)
+        tly_nodecache_fit (self->nodes, tly_reader_node, self->reader,
+                           tly_reader_size (self->reader));
+    return rc;
+}
+
+static void
+snapshot_end (ingest_t *self)
+{
+    if (self->snapshot) {
+        tly_reader_end (self->reader);
+        self->snapshot = false;
+    }
+}
 
 /* ---- replies ---- */
 
@@ -190,7 +222,7 @@ sth_for (ingest_t *self, uint64_t size, tly_sth *sth)
     memset (sth, 0, sizeof *sth);
     sth->tree_size = size;
     sth->ts = tly_now_ms ();
-    rc = tly_merkle_root (tly_reader_node, self->reader, size, sth->root);
+    rc = tly_merkle_root (tly_nodecache_node, self->nodes, size, sth->root);
     return rc ? rc : tly_sth_sign (sth, self->env->sk);
 }
 
@@ -284,8 +316,8 @@ reply_proof (ingest_t *self, zmsg_t **env, const msgpack_object *id, bool consis
     size_t n;
     tly_sth sth;
     int rc = consistency
-           ? tly_merkle_consistency (tly_reader_node, self->reader, a, b, path, &n)
-           : tly_merkle_inclusion (tly_reader_node, self->reader, a, b, path, &n);
+           ? tly_merkle_consistency (tly_nodecache_node, self->nodes, a, b, path, &n)
+           : tly_merkle_inclusion (tly_nodecache_node, self->nodes, a, b, path, &n);
     if (!rc)
         rc = sth_for (self, b, &sth);
     if (rc) {
@@ -365,11 +397,9 @@ reply_all_invalid (ingest_t *self, zmsg_t **env, const msgpack_object *id,
                    const char **why, uint32_t n)
 {
     tly_sth sth;
-    int rc = tly_reader_begin (self->reader);
-    if (!rc) {
+    int rc = snapshot (self);
+    if (!rc)
         rc = tly_reader_sth (self->reader, UINT64_MAX, &sth);
-        tly_reader_end (self->reader);
-    }
     if (rc) {
         reply_error (self, env, id, "internal", "the signed tree head cannot be read");
         return;
@@ -689,7 +719,7 @@ on_request (ingest_t *self, zmsg_t *msg)
         if (tly_msg_streq (op, "pubkey"))
             op_pubkey (self, &msg, id);
         else
-        if (tly_reader_begin (self->reader))
+        if (snapshot (self))
             reply_error (self, &msg, id, "internal", "cannot open a read snapshot");
         else {
             if (tly_msg_streq (op, "get"))
@@ -705,7 +735,6 @@ on_request (ingest_t *self, zmsg_t *msg)
                 op_consistency (self, &msg, &body, id);
             else
                 reply_error (self, &msg, id, "unknown_op", "unknown op");
-            tly_reader_end (self->reader);
         }
     }
     zmsg_destroy (&msg);
@@ -742,6 +771,7 @@ ingest_free (ingest_t *self)
         free (self->slots);
     }
     tly_reader_destroy (&self->reader);
+    tly_nodecache_destroy (&self->nodes);
     msgpack_zone_destroy (&self->zone);
     tly_buf_free (&self->out);
     tly_buf_free (&self->msg);
@@ -770,7 +800,8 @@ tly_ingest_actor (tly_child_ctx *ctx, void *args)
     tly_buf_init (&self.msg);
     tly_buf_init (&self.tails);
     self.slots = calloc (SLOTS, sizeof *self.slots);
-    if (!self.slots || tly_reader_new (env->store, &self.reader)) {
+    if (!self.slots || tly_reader_new (env->store, &self.reader)
+    ||  tly_nodecache_new (NODE_CACHE_LOG2, &self.nodes)) {
         tly_error (WHO, "cannot start: out of memory");
         ingest_free (&self);
         api_return (env);
@@ -811,6 +842,7 @@ tly_ingest_actor (tly_child_ctx *ctx, void *args)
                 if (msg)
                     on_request (&self, msg);
             }
+            snapshot_end (&self);
         }
         else
         if (which == self.receipt || which == self.quota)

@@ -29,7 +29,8 @@ struct tly_reader {
     tly_store *store;
     MDB_txn *txn;
     uint64_t size;
-    dx_view view;
+    dx_view view;                   /* loaded on first use in a snapshot */
+    bool view_loaded;
     bool active;
 };
 
@@ -359,11 +360,22 @@ tly_reader_begin (tly_reader *self)
     if (rc)
         return TLY_EIO;
     self->active = true;
+    self->view_loaded = false;
     rc = txn_size (self->store, self->txn, &self->size);
-    if (!rc)
-        rc = dx_view_load (&self->store->dx, self->txn, &self->view);
     if (rc)
         tly_reader_end (self);
+    return rc;
+}
+
+/*  The dedup view (one record per run) costs a cursor walk: only
+    lookups and scans need it, so proofs and gets never pay for it. */
+static int
+reader_view (tly_reader *self)
+{
+    if (self->view_loaded)
+        return TLY_OK;
+    int rc = dx_view_load (&self->store->dx, self->txn, &self->view);
+    self->view_loaded = rc == TLY_OK;
     return rc;
 }
 
@@ -391,14 +403,16 @@ tly_reader_leaf (tly_reader *self, uint64_t seq, const uint8_t **leaf, size_t *l
 int
 tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq)
 {
-    return dx_lookup (&self->store->dx, self->txn, &self->view, dedup, seq);
+    int rc = reader_view (self);
+    return rc ? rc : dx_lookup (&self->store->dx, self->txn, &self->view, dedup, seq);
 }
 
 void
 tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *probes)
 {
-    *runs = self->view.n;
-    *probes = self->view.probes;
+    bool loaded = reader_view (self) == TLY_OK;
+    *runs = loaded ? self->view.n : 0;
+    *probes = loaded ? self->view.probes : 0;
 }
 
 int
@@ -418,8 +432,9 @@ int
 tly_reader_dedup_scan (tly_reader *self, const uint8_t *after, size_t count,
                        tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN], bool *done)
 {
-    return dx_scan (&self->store->dx, self->txn, &self->view, after, count, fn, ctx, last,
-                    done);
+    int rc = reader_view (self);
+    return rc ? rc : dx_scan (&self->store->dx, self->txn, &self->view, after, count, fn, ctx,
+                              last, done);
 }
 
 int
