@@ -14,7 +14,6 @@
     restarted between the receipt actor's ADMIT and COMMIT) is counted only
     for seqs we have not counted yet, so nothing is counted twice or missed.
 */
-#include <assert.h>
 #include <errno.h>
 #include <lmdb.h>
 #include <sys/stat.h>
@@ -50,6 +49,7 @@ typedef struct {
     bool full_next;                  /* a write failed: snapshot every row */
     zactor_t *writer;                /* writes snapshots (see below) */
     bool writing;                    /* a snapshot is with the writer */
+    unsigned failures;               /* writes failed in a row (0..6) */
     tly_buf snap;
     ticket_t tickets[MAX_TICKETS];
     size_t ntickets;
@@ -201,8 +201,14 @@ snap_write (MDB_env *mdb, MDB_dbi usage, MDB_dbi meta, const uint8_t *p, size_t 
     int err = mdb_put (txn, meta, &k, &v, 0) ? TLY_EIO : TLY_OK;
     for (size_t at = 8; !err && at < len; ) {
         uint16_t klen;
-        memcpy (&klen, p + at, 2);
-        assert (at + 2 + klen + 8 <= len);
+        if (len - at < 2)
+            err = TLY_ECORRUPT;
+        else
+            memcpy (&klen, p + at, 2);
+        if (err || len - at - 2 < (size_t) klen + 8) {
+            err = TLY_ECORRUPT;         /* our own format: a bug */
+            break;
+        }
         k = (MDB_val) { klen, (void *) (p + at + 2) };
         v = (MDB_val) { 8, (void *) (p + at + 2 + klen) };
         err = mdb_put (txn, usage, &k, &v, 0) ? TLY_EIO : TLY_OK;
@@ -258,13 +264,27 @@ snap_take (quota_t *self)
     return true;
 }
 
+/*  A failed write is retried in full, after 2, 4, ... up to 64 seconds:
+    a full snapshot copies every row on our thread, which admissions wait
+    for, so a disk that keeps failing must not cost that every second. */
 static void
 snap_failed (quota_t *self)
 {
-    tly_warn (WHO, "usage checkpoint failed; retrying in full; meanwhile a restart "
-                   "recounts more of the ledger (check free space in <data dir>/quota)");
+    if (self->failures < 6)
+        self->failures++;
+    if (self->failures == 1 || self->failures == 6)
+        tly_warn (WHO, "usage checkpoint failed; retrying in full %s; meanwhile a restart "
+                       "recounts more of the ledger (check free space in <data dir>/quota)",
+                  self->failures == 1 ? "shortly" : "every minute");
     self->full_next = true;
     self->dirty = true;
+}
+
+/*  Milliseconds to the next checkpoint. */
+static int64_t
+checkpoint_delay (const quota_t *self)
+{
+    return (int64_t) CHECKPOINT_MS << self->failures;
 }
 
 /*  Hands a snapshot to the writer, unless one is still being written. */
@@ -276,7 +296,7 @@ checkpoint (quota_t *self)
         tly_debug (WHO, "checkpoint: %zu bytes of changed usage taken in %lld us",
                    self->snap.len, (long long) (zclock_usecs () - t0));
         zframe_t *f = zframe_new (self->snap.data, self->snap.len);
-        if (f && zframe_send (&f, self->writer, 0) == 0)
+        if (f && zframe_send (&f, self->writer, ZFRAME_DONTWAIT) == 0)
             self->writing = true;
         else {
             zframe_destroy (&f);
@@ -292,6 +312,8 @@ on_written (quota_t *self)
     self->writing = false;
     if (!rc || strcmp (rc, "0"))
         snap_failed (self);
+    else
+        self->failures = 0;
     zstr_free (&rc);
 }
 
@@ -762,9 +784,11 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
         return rc == TLY_EUNAVAIL ? 0 : 1;
     }
     zsock_t *from_receipt = env->receipt_quota[1], *from_ingest = env->ingest_quota[1];
-    zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), from_receipt, from_ingest,
-                                     self.writer, NULL);
-    int64_t next_checkpoint = zclock_mono () + CHECKPOINT_MS;
+    /*  The writer before the links: zpoller returns the first ready
+        socket, and busy links must not keep its answer waiting. */
+    zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), self.writer, from_receipt,
+                                     from_ingest, NULL);
+    int64_t next_checkpoint = zclock_mono () + checkpoint_delay (&self);
     while (true) {
         void *which = zpoller_wait (poller, 500);
         if (which == tly_child_pipe (ctx)) {
@@ -794,7 +818,7 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
             on_written (&self);
         if (zclock_mono () >= next_checkpoint) {
             checkpoint (&self);
-            next_checkpoint = zclock_mono () + CHECKPOINT_MS;
+            next_checkpoint = zclock_mono () + checkpoint_delay (&self);
         }
     }
     zpoller_destroy (&poller);
