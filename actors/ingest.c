@@ -107,6 +107,15 @@ reply_send (ingest_t *self, zmsg_t **envelope, const tly_buf *body)
     zmsg_destroy (envelope);
 }
 
+/*  Starts an ok reply in self->out: the head, then `fields` more fields. */
+static void
+reply_begin (ingest_t *self, msgpack_packer *pk, const msgpack_object *id, uint32_t fields)
+{
+    tly_buf_reset (&self->out);
+    tly_buf_packer (&self->out, pk);
+    tly_reply_head (pk, true, id, fields);
+}
+
 static void
 reply_error (ingest_t *self, zmsg_t **envelope, const msgpack_object *id,
              const char *code, const char *message)
@@ -204,9 +213,7 @@ static void
 pack_sth_reply (ingest_t *self, const msgpack_object *id, const tly_sth *sth)
 {
     msgpack_packer pk;
-    tly_buf_reset (&self->out);
-    tly_buf_packer (&self->out, &pk);
-    tly_reply_head (&pk, true, id, 1);
+    reply_begin (self, &pk, id, 1);
     tly_pack_cstr (&pk, "sth");
     tly_sth_pack (sth, &pk);
 }
@@ -243,9 +250,7 @@ static void
 op_pubkey (ingest_t *self, zmsg_t **env, const msgpack_object *id)
 {
     msgpack_packer pk;
-    tly_buf_reset (&self->out);
-    tly_buf_packer (&self->out, &pk);
-    tly_reply_head (&pk, true, id, 2);
+    reply_begin (self, &pk, id, 2);
     tly_pack_cstr (&pk, "alg");
     tly_pack_cstr (&pk, "ed25519");
     tly_pack_cstr (&pk, "key");
@@ -296,9 +301,7 @@ op_get (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpack_
         return;
     }
     msgpack_packer pk;
-    tly_buf_reset (&self->out);
-    tly_buf_packer (&self->out, &pk);
-    tly_reply_head (&pk, true, id, 2);
+    reply_begin (self, &pk, id, 2);
     tly_pack_cstr (&pk, "entry");
     tly_entry_pack (&e, &pk);
     tly_pack_cstr (&pk, "leaf");
@@ -328,9 +331,7 @@ reply_proof (ingest_t *self, zmsg_t **env, const msgpack_object *id, bool consis
         return;
     }
     msgpack_packer pk;
-    tly_buf_reset (&self->out);
-    tly_buf_packer (&self->out, &pk);
-    tly_reply_head (&pk, true, id, 4);
+    reply_begin (self, &pk, id, 4);
     tly_pack_cstr (&pk, consistency ? "from" : "seq");
     msgpack_pack_uint64 (&pk, a);
     tly_pack_cstr (&pk, consistency ? "to" : "tree_size");
@@ -405,9 +406,7 @@ reply_all_invalid (ingest_t *self, zmsg_t **env, const msgpack_object *id,
         return;
     }
     msgpack_packer pk;
-    tly_buf_reset (&self->out);
-    tly_buf_packer (&self->out, &pk);
-    tly_reply_head (&pk, true, id, 2);
+    reply_begin (self, &pk, id, 2);
     tly_pack_cstr (&pk, "results");
     msgpack_pack_array (&pk, n);
     for (uint32_t i = 0; i < n; i++)
@@ -531,9 +530,7 @@ on_receipt (ingest_t *self, tly_link_msg *m)
         return;
     }
     msgpack_packer pk;
-    tly_buf_reset (&self->out);
-    tly_buf_packer (&self->out, &pk);
-    tly_reply_head (&pk, true, id, 2);
+    reply_begin (self, &pk, id, 2);
     tly_pack_cstr (&pk, "results");
     msgpack_pack_array (&pk, s->n);
     uint32_t k = 0;
@@ -643,9 +640,7 @@ on_quota (ingest_t *self, tly_link_msg *m)
     char period[24];
     tly_period_name (s->period, period);
     msgpack_packer pk;
-    tly_buf_reset (&self->out);
-    tly_buf_packer (&self->out, &pk);
-    tly_reply_head (&pk, true, id, 3);
+    reply_begin (self, &pk, id, 3);
     tly_pack_cstr (&pk, "customer");
     tly_pack_str (&pk, s->customer, s->customer_len);
     tly_pack_cstr (&pk, "period");
