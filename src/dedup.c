@@ -6,7 +6,6 @@
 #include "dedup.h"
 
 #define MERGE_FANIN     8
-#define RUN_KEY_LEN     (4 + TLY_DEDUP_LEN)
 /*  Per commit, each job moves about DX_RATE records per event the commit
     appended, and at least DX_MIN.  A flush of L0 (l0_max keys) then ends
     before the next L0 fills, and a merge of tier t before tier t has 8
@@ -20,9 +19,9 @@
 #define BLOOM_BLOCK     64
 #define BLOOM_BITS_PER_KEY 12
 #define BLOOM_K         7
-#define BLOOM_HDR       12          /* count, nblocks, tier: u32 each */
-#define STATE_VERSION   1
-#define NTABLES         (2 + DX_TIERS)      /* the scan's order: L0s, tiers */
+#define BLOOM_HDR       16          /* count, nblocks, tier, slot: u32 each */
+#define STATE_VERSION   2
+#define SCAN_RUNS       2           /* a scan position's table: L0 0, L0 1, runs */
 
 static const MDB_val STATE_KEY = { 11, "dedup.state" };
 
@@ -162,9 +161,9 @@ dx_open (MDB_txn *txn, dx_tables *t)
     if (!rc) rc = mdb_dbi_open (txn, "dedup.1", MDB_CREATE, &t->l0[1]);
     if (!rc) rc = mdb_dbi_open (txn, "blooms", MDB_CREATE, &t->blooms);
     if (!rc) rc = mdb_dbi_open (txn, "meta", MDB_CREATE, &t->meta);
-    for (unsigned i = 0; i < DX_TIERS && !rc; i++) {
-        snprintf (name, sizeof name, "runs.%u", i);
-        rc = mdb_dbi_open (txn, name, MDB_CREATE, &t->tier[i]);
+    for (unsigned i = 0; i < DX_SLOTS && !rc; i++) {
+        snprintf (name, sizeof name, "run.%u", i);
+        rc = mdb_dbi_open (txn, name, MDB_CREATE, &t->slot[i]);
     }
     return rc ? lmdb_err (rc) : TLY_OK;
 }
@@ -184,8 +183,9 @@ view_insert (dx_view *view, dx_run run)
     return TLY_OK;
 }
 
-static dx_run *
-view_find (const dx_view *view, uint32_t id)
+/*  The index of the first run whose id is >= id (view->n: none). */
+static size_t
+view_lower (const dx_view *view, uint32_t id)
 {
     size_t lo = 0, hi = view->n;
     while (lo < hi) {
@@ -195,16 +195,15 @@ view_find (const dx_view *view, uint32_t id)
         else
             hi = mid;
     }
-    return lo < view->n && view->runs[lo].id == id ? &view->runs[lo] : NULL;
+    return lo;
 }
 
 static void
 view_remove (dx_view *view, uint32_t id)
 {
-    dx_run *run = view_find (view, id);
-    if (run) {
-        size_t i = (size_t) (run - view->runs);
-        memmove (run, run + 1, (view->n - i - 1) * sizeof *run);
+    size_t i = view_lower (view, id);
+    if (i < view->n && view->runs[i].id == id) {
+        memmove (&view->runs[i], &view->runs[i + 1], (view->n - i - 1) * sizeof *view->runs);
         view->n--;
     }
 }
@@ -219,6 +218,7 @@ dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view)
     MDB_cursor *cur;
     if (mdb_cursor_open (txn, t->blooms, &cur))
         return TLY_EIO;
+    bool taken[DX_SLOTS] = { false };
     MDB_val k, v;
     int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
     int err = TLY_OK;
@@ -227,14 +227,16 @@ dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view)
             err = TLY_ECORRUPT;
             break;
         }
-        dx_run run = { .id = get_be32 (k.mv_data) };
-        memcpy (&run.count, v.mv_data, 4);
-        memcpy (&run.nblocks, (uint8_t *) v.mv_data + 4, 4);
-        memcpy (&run.tier, (uint8_t *) v.mv_data + 8, 4);
-        if (run.tier >= DX_TIERS) {
-            err = TLY_ECORRUPT;     /* no table to look in: keys would vanish */
+        uint32_t hdr[4];
+        memcpy (hdr, v.mv_data, sizeof hdr);
+        dx_run run = { .id = get_be32 (k.mv_data), .count = hdr[0], .nblocks = hdr[1],
+                       .tier = hdr[2], .slot = hdr[3] };
+        /*  No table to look in, or two runs in one: keys would vanish. */
+        if (run.tier >= DX_TIERS || run.slot >= DX_SLOTS || taken[run.slot]) {
+            err = TLY_ECORRUPT;
             break;
         }
+        taken[run.slot] = true;
         if (run.nblocks && v.mv_size == BLOOM_HDR + (size_t) run.nblocks * BLOOM_BLOCK)
             run.bits = (const uint8_t *) v.mv_data + BLOOM_HDR;
         if ((err = view_insert (view, run)))
@@ -268,17 +270,12 @@ dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
         if (rc != MDB_NOTFOUND)
             return TLY_EIO;
     }
-    uint8_t rk[RUN_KEY_LEN];
-    memcpy (rk + 4, key, TLY_DEDUP_LEN);
-    k.mv_size = RUN_KEY_LEN;
-    k.mv_data = rk;
     for (size_t i = view->n; i-- > 0;) {
         const dx_run *run = &view->runs[i];
         if (!bloom_maybe (run, key))
             continue;
         view->probes++;
-        put_be32 (rk, run->id);
-        int rc = mdb_get (txn, t->tier[run->tier], &k, &v);
+        int rc = mdb_get (txn, t->slot[run->slot], &k, &v);
         if (rc == 0)
             return seq_from_val (&v, seq);
         if (rc != MDB_NOTFOUND)
@@ -289,133 +286,105 @@ dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
 
 /* ---- the scrubber's scan ---- */
 
-/*  A position is table (u8: 0, 1 the L0s, 2 + t tier t) || run id (u32 BE,
-    0 in an L0) || dedup.  Records only ever move to a later table, or to a
-    run with a higher id than any in its table, so a pass started before a
-    flush or merge still visits every record it started with. */
-static MDB_dbi
-scan_dbi (const dx_tables *t, unsigned table)
-{
-    return table < 2 ? t->l0[table] : t->tier[table - 2];
-}
+typedef struct {
+    tly_dedup_fn *fn;
+    void *ctx;
+    uint8_t *last;                  /* the position of the last record visited */
+    size_t left;                    /* records still to visit in this call */
+} scan_ctx;
 
+/*  Visits the records of one table after `resume` (NULL: from its first)
+    until it ends (*ended) or sc->left runs out.  run is the visible run
+    the table holds (NULL: an L0); its filter must say "maybe" for each of
+    its keys, or lookups would not see them: a silent hole in
+    deduplication. */
 static int
-scan_seek (const dx_tables *t, MDB_txn *txn, const uint8_t *after, MDB_cursor **cur,
-           unsigned *table, MDB_val *k, MDB_val *v)
+scan_table (MDB_txn *txn, MDB_dbi dbi, uint8_t table, const dx_run *run,
+            const uint8_t *resume, scan_ctx *sc, bool *ended)
 {
-    *table = after ? after[0] : 0;
-    if (*table >= NTABLES)
-        return TLY_EINVAL;
-    if (mdb_cursor_open (txn, scan_dbi (t, *table), cur))
+    MDB_cursor *cur;
+    MDB_val k, v;
+    int rc;
+    if (mdb_cursor_open (txn, dbi, &cur))
         return TLY_EIO;
-    if (!after)
-        return mdb_cursor_get (*cur, k, v, MDB_FIRST);
-    size_t len = *table < 2 ? TLY_DEDUP_LEN : RUN_KEY_LEN;
-    const uint8_t *key = *table < 2 ? after + 5 : after + 1;
-    k->mv_size = len;
-    k->mv_data = (void *) key;
-    int rc = mdb_cursor_get (*cur, k, v, MDB_SET_RANGE);
-    if (rc == 0 && k->mv_size == len && memcmp (k->mv_data, key, len) == 0)
-        rc = mdb_cursor_get (*cur, k, v, MDB_NEXT);
-    return rc;
+    if (resume) {
+        k.mv_size = TLY_DEDUP_LEN;
+        k.mv_data = (void *) resume;
+        rc = mdb_cursor_get (cur, &k, &v, MDB_SET_RANGE);
+        if (rc == 0 && k.mv_size == TLY_DEDUP_LEN && memcmp (k.mv_data, resume, TLY_DEDUP_LEN) == 0)
+            rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    }
+    else
+        rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
+    int err = TLY_OK;
+    for (; rc == 0 && sc->left > 0; sc->left--) {
+        if (k.mv_size != TLY_DEDUP_LEN || v.mv_size != 8
+        ||  (run && (!run->bits || !bloom_maybe (run, k.mv_data)))) {
+            err = TLY_ECORRUPT;
+            break;
+        }
+        sc->last[0] = table;
+        put_be32 (sc->last + 1, run ? run->id : 0);
+        memcpy (sc->last + 5, k.mv_data, TLY_DEDUP_LEN);
+        uint64_t seq;
+        memcpy (&seq, v.mv_data, 8);
+        if ((err = sc->fn (sc->ctx, k.mv_data, seq)))
+            break;
+        rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    }
+    mdb_cursor_close (cur);
+    if (!err && rc && rc != MDB_NOTFOUND)
+        err = TLY_EIO;
+    *ended = !err && rc == MDB_NOTFOUND;
+    return err;
 }
 
+/*  A position is table (u8: 0, 1 the L0s, 2 the runs) || run id (u32 BE,
+    0 in an L0) || dedup; the runs are visited by ascending id.  Records
+    only ever move to a later table, or to a run with a higher id than any
+    before it, so a pass started before a flush or merge still visits
+    every record it started with.  Runs being built or dead are not
+    visible: nothing looks in them, so nothing to check. */
 int
 dx_scan (const dx_tables *t, MDB_txn *txn, const dx_view *view, const uint8_t *after,
          size_t count, tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN],
          bool *done)
 {
-    MDB_cursor *cur;
-    MDB_val k, v;
-    unsigned table;
-    int rc = scan_seek (t, txn, after, &cur, &table, &k, &v);
-    if (rc == TLY_EIO || rc == TLY_EINVAL)
-        return rc;
+    unsigned table = after ? after[0] : 0;
+    if (table > SCAN_RUNS)
+        return TLY_EINVAL;
+    scan_ctx sc = { fn, ctx, last, count };
+    const uint8_t *resume = after ? after + 5 : NULL;
+    bool ended = true;
     int err = TLY_OK;
-    const dx_run *run = NULL;
     *done = false;
-    for (size_t n = 0; n < count;) {
-        if (rc == MDB_NOTFOUND) {
-            mdb_cursor_close (cur);
-            if (++table == NTABLES) {
-                *done = true;
-                return TLY_OK;
-            }
-            if (mdb_cursor_open (txn, scan_dbi (t, table), &cur))
-                return TLY_EIO;
-            rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
-            continue;
-        }
-        if (rc) {
-            err = TLY_EIO;
-            break;
-        }
-        bool l0 = table < 2;
-        if (k.mv_size != (l0 ? TLY_DEDUP_LEN : RUN_KEY_LEN) || v.mv_size != 8) {
-            err = TLY_ECORRUPT;
-            break;
-        }
-        const uint8_t *dedup = l0 ? k.mv_data : (uint8_t *) k.mv_data + 4;
-        uint32_t id = l0 ? 0 : get_be32 (k.mv_data);
-        if (!l0) {
-            if (!run || run->id != id)
-                run = view_find (view, id);
-            if (!run) {
-                /*  A run being built or being deleted: invisible to
-                    lookups, so nothing to check.  Skip it whole (no
-                    position is recorded inside it). */
-                uint8_t next[RUN_KEY_LEN] = { 0 };
-                if (id == UINT32_MAX) {
-                    rc = MDB_NOTFOUND;
-                    continue;
-                }
-                put_be32 (next, id + 1);
-                k.mv_size = RUN_KEY_LEN;
-                k.mv_data = next;
-                rc = mdb_cursor_get (cur, &k, &v, MDB_SET_RANGE);
-                continue;           /* not counted: at most one seek a run */
-            }
-            /*  A key its run's filter denies would be invisible to lookups:
-                a silent hole in deduplication. */
-            if (run->tier != table - 2 || !run->bits || !bloom_maybe (run, dedup)) {
-                err = TLY_ECORRUPT;
-                break;
-            }
-        }
-        last[0] = (uint8_t) table;
-        put_be32 (last + 1, id);
-        memcpy (last + 5, dedup, TLY_DEDUP_LEN);
-        uint64_t seq;
-        memcpy (&seq, v.mv_data, 8);
-        if ((err = fn (ctx, dedup, seq)))
-            break;
-        n++;
-        rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    for (; table < SCAN_RUNS && !err && ended; table++, resume = NULL)
+        err = scan_table (txn, t->l0[table], (uint8_t) table, NULL, resume, &sc, &ended);
+    uint32_t from = after && after[0] == SCAN_RUNS ? get_be32 (after + 1) : 0;
+    for (size_t i = view_lower (view, from); i < view->n && !err && ended; i++) {
+        const dx_run *run = &view->runs[i];
+        err = scan_table (txn, t->slot[run->slot], SCAN_RUNS, run,
+                          run->id == from ? resume : NULL, &sc, &ended);
     }
-    mdb_cursor_close (cur);
+    *done = !err && ended;
     return err;
 }
 
 /* ---- the writer: builds and dead runs ---- */
 
-/*  A run under construction in tier table `tier`: from the frozen L0
-    (tier 0) or from MERGE_FANIN runs of tier - 1.  Its filter grows in
-    the writer's heap and is stored when the build ends. */
+/*  A run under construction in table slot: from the frozen L0 (tier 0)
+    or from MERGE_FANIN runs of tier - 1.  Its filter grows in the
+    writer's heap and is stored when the build ends. */
 typedef struct {
     bool on;
-    uint32_t out;
-    uint32_t in[MERGE_FANIN];       /* tier > 0: the runs merged */
+    uint32_t out;                   /* the run's id */
+    uint32_t slot;                  /* its table */
+    dx_run in[MERGE_FANIN];         /* tier > 0: the runs merged */
     uint64_t total, done;
     uint8_t last[TLY_DEDUP_LEN];    /* the last key written (done > 0) */
     uint8_t *filter;                /* BLOOM_HDR + nblocks * BLOOM_BLOCK */
     uint32_t nblocks;
 } dx_build;
-
-/*  A run id whose records are not visible: being built, or dead. */
-typedef struct {
-    uint32_t id;
-    uint32_t tier;
-} dx_orphan;
 
 struct dx_writer {
     const dx_tables *t;
@@ -423,12 +392,11 @@ struct dx_writer {
     dx_view view;
     bool loaded;                    /* the state below matches meta + txn */
     bool dirty;                     /* this txn changed it */
-    uint64_t changes;               /* counts changes, to know when to store */
+    uint64_t work;                  /* counts changes, to know when to stop */
     uint32_t active;                /* the L0 taking inserts */
     uint32_t next_id;
-    dx_build build[DX_TIERS];       /* build[j] writes tier table j */
-    dx_orphan *orphans;             /* persisted: builds' outputs + dead */
-    size_t norphans, cap;
+    dx_build build[DX_TIERS];       /* build[j] makes a run of tier j */
+    bool dead[DX_SLOTS];            /* holds records no visible run owns */
     uint8_t **fresh;                /* filters of runs finished in this txn */
     size_t nfresh, fresh_cap;
 };
@@ -452,8 +420,9 @@ drop_fresh (dx_writer *self)
     self->nfresh = 0;
 }
 
-/*  Forgets the maintenance state: the next begin reads it from meta, and
-    every run that was being built is treated as dead (started again). */
+/*  Forgets the maintenance state: the next begin derives it from meta and
+    the tables, where every run that was being built is dead (its build
+    starts again). */
 static void
 forget_state (dx_writer *self)
 {
@@ -461,7 +430,6 @@ forget_state (dx_writer *self)
         free (self->build[j].filter);
         memset (&self->build[j], 0, sizeof self->build[j]);
     }
-    self->norphans = 0;
     self->loaded = false;
 }
 
@@ -473,7 +441,6 @@ dx_writer_destroy (dx_writer **self_p)
         forget_state (self);
         drop_fresh (self);
         free (self->fresh);
-        free (self->orphans);
         dx_view_free (&self->view);
         free (self);
         *self_p = NULL;
@@ -484,73 +451,54 @@ static void
 changed (dx_writer *self)
 {
     self->dirty = true;
-    self->changes++;
+    self->work++;
 }
 
-static int
-orphan_add (dx_writer *self, uint32_t id, uint32_t tier)
-{
-    if (grow (&self->orphans, &self->cap, self->norphans, sizeof *self->orphans))
-        return TLY_ENOMEM;
-    self->orphans[self->norphans++] = (dx_orphan) { id, tier };
-    changed (self);
-    return TLY_OK;
-}
-
-static void
-orphan_remove (dx_writer *self, uint32_t id)
-{
-    for (size_t i = 0; i < self->norphans; i++)
-        if (self->orphans[i].id == id) {
-            self->orphans[i] = self->orphans[--self->norphans];
-            changed (self);
-            return;
-        }
-}
-
+/*  Whether table slot holds a visible run or a build's output. */
 static bool
-is_building (const dx_writer *self, const dx_orphan *o)
+slot_owned (const dx_writer *self, uint32_t slot)
 {
-    return self->build[o->tier].on && self->build[o->tier].out == o->id;
+    for (size_t i = 0; i < self->view.n; i++)
+        if (self->view.runs[i].slot == slot)
+            return true;
+    for (unsigned j = 0; j < DX_TIERS; j++)
+        if (self->build[j].on && self->build[j].slot == slot)
+            return true;
+    return false;
 }
 
-/*  meta "dedup.state": version, active L0, next run id, n, then n orphans
-    (id, tier); u32 each, host order.  Absent in a new ledger. */
+/*  meta "dedup.state": version, active L0 (u32 each, host order); absent
+    in a new ledger.  The rest is derived: ids grow from the highest
+    visible one, and nothing is being built after a load, so a table with
+    records that no visible run owns holds a dead run or a build cut short
+    (by a crash or an aborted txn), to be emptied. */
 static int
 state_load (dx_writer *self)
 {
     MDB_val v;
     self->active = 0;
-    self->next_id = 1;
-    self->norphans = 0;
     int rc = mdb_get (self->txn, self->t->meta, (MDB_val *) &STATE_KEY, &v);
     if (rc && rc != MDB_NOTFOUND)
         return TLY_EIO;
     if (rc == 0) {
-        uint32_t h[4];
-        if (v.mv_size < sizeof h)
+        uint32_t h[2];
+        if (v.mv_size != sizeof h)
             return TLY_ECORRUPT;
         memcpy (h, v.mv_data, sizeof h);
-        if (h[0] != STATE_VERSION || h[1] > 1 || v.mv_size != sizeof h + (size_t) h[3] * 8)
+        if (h[0] != STATE_VERSION || h[1] > 1)
             return TLY_ECORRUPT;
         self->active = h[1];
-        self->next_id = h[2];
-        for (uint32_t i = 0; i < h[3]; i++) {
-            dx_orphan o;
-            memcpy (&o, (uint8_t *) v.mv_data + sizeof h + (size_t) i * 8, 8);
-            if (o.tier >= DX_TIERS)
-                return TLY_ECORRUPT;
-            int err = orphan_add (self, o.id, o.tier);
+    }
+    self->next_id = self->view.n ? self->view.runs[self->view.n - 1].id + 1 : 1;
+    for (uint32_t s = 0; s < DX_SLOTS; s++) {
+        size_t n = 0;
+        if (!slot_owned (self, s)) {
+            int err = table_entries (self->txn, self->t->slot[s], &n);
             if (err)
                 return err;
         }
+        self->dead[s] = n > 0;
     }
-    /*  Ids only grow: above every visible run and every orphan. */
-    if (self->view.n && self->view.runs[self->view.n - 1].id >= self->next_id)
-        self->next_id = self->view.runs[self->view.n - 1].id + 1;
-    for (size_t i = 0; i < self->norphans; i++)
-        if (self->orphans[i].id >= self->next_id)
-            self->next_id = self->orphans[i].id + 1;
     self->dirty = false;
     self->loaded = true;
     return TLY_OK;
@@ -559,17 +507,9 @@ state_load (dx_writer *self)
 static int
 state_store (dx_writer *self)
 {
-    size_t len = 16 + self->norphans * 8;
-    uint8_t *buf = malloc (len);
-    if (!buf)
-        return TLY_ENOMEM;
-    uint32_t h[4] = { STATE_VERSION, self->active, self->next_id, (uint32_t) self->norphans };
-    memcpy (buf, h, sizeof h);
-    for (size_t i = 0; i < self->norphans; i++)
-        memcpy (buf + 16 + i * 8, &self->orphans[i], 8);
-    MDB_val v = { len, buf };
+    uint32_t h[2] = { STATE_VERSION, self->active };
+    MDB_val v = { sizeof h, h };
     int rc = mdb_put (self->txn, self->t->meta, (MDB_val *) &STATE_KEY, &v, 0);
-    free (buf);
     return rc ? lmdb_err (rc) : TLY_OK;
 }
 
@@ -616,48 +556,56 @@ dx_writer_backlog (dx_writer *self, size_t *builds, size_t *dead)
     *builds = 0;
     for (unsigned j = 0; j < DX_TIERS; j++)
         *builds += self->build[j].on;
-    *dead = self->norphans - *builds;
+    *dead = 0;
+    for (uint32_t s = 0; s < DX_SLOTS; s++)
+        *dead += self->dead[s];
 }
 
 /* ---- builds ---- */
 
+/*  Starts a run of tier in a free table, if there is one (else it waits
+    for a dead one to be emptied; the index only grows slower meanwhile). */
 static int
-build_start (dx_writer *self, unsigned tier, uint64_t total, const uint32_t *in)
+build_start (dx_writer *self, unsigned tier, uint64_t total, const dx_run *in)
 {
     dx_build *b = &self->build[tier];
     if (total > UINT32_MAX)
         return TLY_ETOOLARGE;
+    uint32_t slot = 0;
+    while (slot < DX_SLOTS && (self->dead[slot] || slot_owned (self, slot)))
+        slot++;
+    if (slot == DX_SLOTS)
+        return TLY_OK;
     memset (b, 0, sizeof *b);
     b->nblocks = bloom_nblocks (total);
     b->filter = calloc (1, BLOOM_HDR + (size_t) b->nblocks * BLOOM_BLOCK);
     if (!b->filter)
         return TLY_ENOMEM;
-    uint32_t hdr[3] = { (uint32_t) total, b->nblocks, tier };
+    uint32_t hdr[4] = { (uint32_t) total, b->nblocks, tier, slot };
     memcpy (b->filter, hdr, sizeof hdr);
     b->out = self->next_id++;
+    b->slot = slot;
     b->total = total;
     if (in)
         memcpy (b->in, in, sizeof b->in);
     b->on = true;
-    return orphan_add (self, b->out, tier);
+    changed (self);
+    return TLY_OK;
 }
 
 static int
-build_put (dx_writer *self, dx_build *b, unsigned tier, const uint8_t key[TLY_DEDUP_LEN],
-           const MDB_val *seq)
+build_put (dx_writer *self, dx_build *b, const uint8_t key[TLY_DEDUP_LEN], const MDB_val *seq)
 {
-    uint8_t rk[RUN_KEY_LEN];
-    put_be32 (rk, b->out);
-    memcpy (rk + 4, key, TLY_DEDUP_LEN);
-    MDB_val k = { RUN_KEY_LEN, rk }, v = *seq;
-    /*  The build's run has the highest id in its table: appends only.  A
+    MDB_val k = { TLY_DEDUP_LEN, (void *) key }, v = *seq;
+    /*  Keys come in order into a table of their own: appends only.  A
         key out of order (or twice) breaks the one-place rule. */
-    int rc = mdb_put (self->txn, self->t->tier[tier], &k, &v, MDB_APPEND);
+    int rc = mdb_put (self->txn, self->t->slot[b->slot], &k, &v, MDB_APPEND);
     if (rc)
         return rc == MDB_KEYEXIST ? TLY_ECORRUPT : lmdb_err (rc);
     bloom_add (b->filter + BLOOM_HDR, b->nblocks, key);
     memcpy (b->last, key, TLY_DEDUP_LEN);
     b->done++;
+    changed (self);
     return TLY_OK;
 }
 
@@ -677,11 +625,11 @@ build_publish (dx_writer *self, unsigned tier)
     if (grow (&self->fresh, &self->fresh_cap, self->nfresh, sizeof *self->fresh))
         return TLY_ENOMEM;
     self->fresh[self->nfresh++] = b->filter;
-    dx_run run = { .id = b->out, .tier = tier, .count = (uint32_t) b->total,
+    dx_run run = { .id = b->out, .tier = tier, .slot = b->slot, .count = (uint32_t) b->total,
                    .nblocks = b->nblocks, .bits = b->filter + BLOOM_HDR };
     b->filter = NULL;
     b->on = false;
-    orphan_remove (self, b->out);
+    changed (self);
     return view_insert (&self->view, run);
 }
 
@@ -709,7 +657,7 @@ flush_step (dx_writer *self, uint64_t budget)
         if (k.mv_size != TLY_DEDUP_LEN || v.mv_size != 8)
             err = TLY_ECORRUPT;
         else
-        if (!(err = build_put (self, b, 0, k.mv_data, &v)))
+        if (!(err = build_put (self, b, k.mv_data, &v)))
             rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
     }
     mdb_cursor_close (cur);
@@ -728,7 +676,6 @@ flush_step (dx_writer *self, uint64_t budget)
 
 typedef struct {
     MDB_cursor *cur;
-    uint32_t id;
     uint8_t key[TLY_DEDUP_LEN];
     uint64_t seq;
     bool live;
@@ -742,52 +689,45 @@ head_load (merge_head *h, int rc, const MDB_val *k, const MDB_val *v)
         return TLY_OK;
     if (rc)
         return TLY_EIO;
-    if (k->mv_size != RUN_KEY_LEN || get_be32 (k->mv_data) != h->id)
-        return TLY_OK;
-    if (v->mv_size != 8)
+    if (k->mv_size != TLY_DEDUP_LEN || v->mv_size != 8)
         return TLY_ECORRUPT;
-    memcpy (h->key, (uint8_t *) k->mv_data + 4, TLY_DEDUP_LEN);
+    memcpy (h->key, k->mv_data, TLY_DEDUP_LEN);
     memcpy (&h->seq, v->mv_data, 8);
     h->live = true;
     return TLY_OK;
 }
 
-/*  Positions h at its run's first key after the build's last one. */
+/*  Positions h at run's first key after the build's last one. */
 static int
-head_open (dx_writer *self, dx_build *b, unsigned from, merge_head *h, uint32_t id)
+head_open (dx_writer *self, const dx_build *b, const dx_run *run, merge_head *h)
 {
-    h->id = id;
     h->live = false;
-    if (mdb_cursor_open (self->txn, self->t->tier[from], &h->cur))
+    if (mdb_cursor_open (self->txn, self->t->slot[run->slot], &h->cur))
         return TLY_EIO;
-    uint8_t rk[RUN_KEY_LEN] = { 0 };
-    put_be32 (rk, id);
-    if (b->done)
-        memcpy (rk + 4, b->last, TLY_DEDUP_LEN);
-    MDB_val k = { RUN_KEY_LEN, rk }, v;
-    int rc = mdb_cursor_get (h->cur, &k, &v, MDB_SET_RANGE);
-    int err = head_load (h, rc, &k, &v);
-    if (!err && h->live && b->done && memcmp (h->key, b->last, TLY_DEDUP_LEN) == 0)
+    MDB_val k = { TLY_DEDUP_LEN, (void *) b->last }, v;
+    if (!b->done)
+        return head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_FIRST), &k, &v);
+    int err = head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_SET_RANGE), &k, &v);
+    if (!err && h->live && memcmp (h->key, b->last, TLY_DEDUP_LEN) == 0)
         err = head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_NEXT), &k, &v);
     return err;
 }
 
-/*  The runs merged have no filter any more (invisible) and become dead:
-    their records are deleted by later slices. */
+/*  The runs merged lose their filter (invisible) and become dead: their
+    tables are emptied by later commits. */
 static int
-retire_inputs (dx_writer *self, unsigned from, const uint32_t *in)
+retire_inputs (dx_writer *self, const dx_run *in)
 {
     for (size_t i = 0; i < MERGE_FANIN; i++) {
         uint8_t key[4];
-        put_be32 (key, in[i]);
+        put_be32 (key, in[i].id);
         MDB_val k = { 4, key };
         int rc = mdb_del (self->txn, self->t->blooms, &k, NULL);
         if (rc)
             return rc == MDB_NOTFOUND ? TLY_ECORRUPT : lmdb_err (rc);
-        view_remove (&self->view, in[i]);
-        int err = orphan_add (self, in[i], from);
-        if (err)
-            return err;
+        view_remove (&self->view, in[i].id);
+        self->dead[in[i].slot] = true;
+        changed (self);
     }
     return TLY_OK;
 }
@@ -802,7 +742,7 @@ merge_step (dx_writer *self, unsigned tier, uint64_t budget)
     size_t opened = 0;
     int err = TLY_OK;
     for (; opened < MERGE_FANIN && !err; opened++)
-        err = head_open (self, b, tier - 1, &heads[opened], b->in[opened]);
+        err = head_open (self, b, &b->in[opened], &heads[opened]);
     bool any = true;
     while (!err && budget > 0) {
         merge_head *min = NULL;
@@ -814,7 +754,7 @@ merge_step (dx_writer *self, unsigned tier, uint64_t budget)
             break;
         }
         MDB_val seq = { 8, &min->seq };
-        if ((err = build_put (self, b, tier, min->key, &seq)))
+        if ((err = build_put (self, b, min->key, &seq)))
             break;
         budget--;
         MDB_val k, v;
@@ -830,16 +770,16 @@ merge_step (dx_writer *self, unsigned tier, uint64_t budget)
             mdb_cursor_close (heads[i].cur);
     if (err || any)
         return err;
-    uint32_t in[MERGE_FANIN];
+    dx_run in[MERGE_FANIN];
     memcpy (in, b->in, sizeof in);
     if ((err = build_publish (self, tier)))
         return err;
-    return retire_inputs (self, tier - 1, in);
+    return retire_inputs (self, in);
 }
 
 /*  Starts what can start: a flush when the active L0 is full (the other
     one becomes active) or a frozen L0 waits (after a restart); a merge of
-    the oldest MERGE_FANIN visible runs of a tier whose next table is free. */
+    the oldest MERGE_FANIN visible runs of a tier whose next build is free. */
 static int
 start_builds (dx_writer *self)
 {
@@ -860,12 +800,12 @@ start_builds (dx_writer *self)
     for (unsigned tier = 1; tier < DX_TIERS && !err; tier++) {
         if (self->build[tier].on)
             continue;
-        uint32_t in[MERGE_FANIN];
+        dx_run in[MERGE_FANIN];
         uint64_t total = 0;
         size_t have = 0;
         for (size_t i = 0; i < self->view.n && have < MERGE_FANIN; i++)
             if (self->view.runs[i].tier == tier - 1) {
-                in[have++] = self->view.runs[i].id;
+                in[have++] = self->view.runs[i];
                 total += self->view.runs[i].count;
             }
         if (have == MERGE_FANIN)
@@ -874,78 +814,41 @@ start_builds (dx_writer *self)
     return err;
 }
 
-/*  Deletes up to budget records of dead runs. */
+/*  Empties one dead table.  mdb_drop frees a table's pages without
+    reading its leaves, or writing any: the cost of a dead run is a few
+    branch pages and its page numbers on the free list, once. */
 static int
-reap_dead (dx_writer *self, uint64_t budget)
+drop_dead (dx_writer *self)
 {
-    for (size_t i = 0; i < self->norphans && budget > 0;) {
-        dx_orphan o = self->orphans[i];
-        if (is_building (self, &o)) {
-            i++;
-            continue;
+    for (uint32_t s = 0; s < DX_SLOTS; s++)
+        if (self->dead[s]) {
+            if (mdb_drop (self->txn, self->t->slot[s], 0))
+                return TLY_EIO;
+            self->dead[s] = false;
+            changed (self);
+            break;
         }
-        MDB_cursor *cur;
-        if (mdb_cursor_open (self->txn, self->t->tier[o.tier], &cur))
-            return TLY_EIO;
-        uint8_t rk[RUN_KEY_LEN] = { 0 };
-        put_be32 (rk, o.id);
-        MDB_val k = { RUN_KEY_LEN, rk }, v;
-        int rc = mdb_cursor_get (cur, &k, &v, MDB_SET_RANGE);
-        for (; rc == 0 && budget > 0; budget--) {
-            if (k.mv_size != RUN_KEY_LEN || get_be32 (k.mv_data) != o.id) {
-                rc = MDB_NOTFOUND;
-                break;
-            }
-            if ((rc = mdb_cursor_del (cur, 0)))
-                break;
-            /*  After a delete the cursor already stands on the successor;
-                MDB_NEXT returns it (LMDB's C_DEL rule). */
-            rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
-        }
-        if (rc == 0 && k.mv_size == RUN_KEY_LEN && get_be32 (k.mv_data) != o.id)
-            rc = MDB_NOTFOUND;
-        mdb_cursor_close (cur);
-        if (rc && rc != MDB_NOTFOUND)
-            return lmdb_err (rc);
-        if (rc == MDB_NOTFOUND)
-            orphan_remove (self, o.id);     /* swaps the last one in: same i */
-        else
-            i++;
-    }
     return TLY_OK;
-}
-
-static uint64_t
-progress (const dx_writer *self)
-{
-    uint64_t done = 0;
-    for (unsigned j = 0; j < DX_TIERS; j++)
-        done += self->build[j].done;
-    return done;
 }
 
 static int
 maintain (dx_writer *self, uint64_t budget, bool *worked)
 {
-    size_t builds, dead;
-    dx_writer_backlog (self, &builds, &dead);
-    uint64_t changes = self->changes, done = progress (self);
-    int err = start_builds (self);
+    uint64_t work = self->work;
+    uint32_t active = self->active;
+    int err = drop_dead (self);
+    if (!err)
+        err = start_builds (self);
     for (unsigned j = 0; j < DX_TIERS && !err; j++)
         if (self->build[j].on)
             err = j == 0 ? flush_step (self, budget) : merge_step (self, j, budget);
-    /*  Dead records come from every tier's merges: scale with their count
-        (saturating: finish passes a budget meant as "everything"). */
-    uint64_t scale = 1 + dead / MERGE_FANIN;
-    if (!err)
-        err = reap_dead (self, budget > UINT64_MAX / scale ? UINT64_MAX : budget * scale);
-    if (!err && self->changes != changes)
+    if (!err && self->active != active)
         err = state_store (self);
     if (err) {
         self->dirty = true;         /* the txn must not commit; forget at end */
         return err;
     }
-    *worked = self->changes != changes || progress (self) != done;
+    *worked = self->work != work;
     return TLY_OK;
 }
 

@@ -5,13 +5,15 @@
       - two L0 tables, "dedup" and "dedup.1": appends go into the active
         one; when it holds l0_max keys the other becomes active and the full
         one is "frozen" until a build has copied it into a sorted run;
-      - sorted runs in one table per tier ("runs.0" .. "runs.9"), keyed run
-        id (u32 BE) || dedup; a run becomes visible when its Bloom filter is
-        stored in "blooms" and invisible when that record is deleted;
+      - sorted runs, each in a table of its own from a pool of DX_SLOTS
+        ("run.0" .. "run.255"), keyed dedup; a run becomes visible when its
+        Bloom filter (which names its tier and table) is stored in "blooms",
+        and invisible when that record is deleted;
       - builds (a flush of the frozen L0 into tier 0, or a merge of 8 runs
         of tier t into tier t + 1) advance a bounded slice per commit,
         invisible until the commit that finishes them; the runs they
-        replace become "dead" and are deleted a slice per commit too.
+        replace become "dead", and a later commit empties each one's table
+        with one mdb_drop (which frees its pages without touching them).
     So a commit's index work is proportional to the events it appends,
     never to the size of the index.
 
@@ -23,12 +25,18 @@
 #include <lmdb.h>
 #include "tally/store.h"
 
-#define DX_TIERS 10                 /* tier tables; tier 9 runs never merge */
+#define DX_TIERS 10                 /* tiers of runs; tier 9 runs never merge */
+/*  Run tables.  Each tier holds at most 16 visible runs (8 waiting for a
+    merge, 8 made while it goes on), 1 being built and, for a few commits,
+    8 dead: 25 tables.  Tiers 0 to 5 cover 4.7 billion events (a tier-5 run
+    holds 16384 * 8^5 = 537M keys).  Were all taken, builds would wait for
+    a dead table to be emptied; the index only grows slower meanwhile. */
+#define DX_SLOTS 256
 
 /*  The tables, opened once by the store. */
 typedef struct {
     MDB_dbi l0[2];
-    MDB_dbi tier[DX_TIERS];
+    MDB_dbi slot[DX_SLOTS];
     MDB_dbi blooms;
     MDB_dbi meta;
     size_t l0_max;
@@ -41,6 +49,7 @@ typedef struct {
 typedef struct {
     uint32_t id;
     uint32_t tier;
+    uint32_t slot;                  /* its table */
     uint32_t count;
     uint32_t nblocks;
     const uint8_t *bits;

@@ -10,7 +10,7 @@
 #include "dedup.h"
 
 #define STH_VAL_LEN (8 + 32 + TLY_SIG_LEN)
-#define FORMAT "4"
+#define FORMAT "5"
 /*  L0's size trades its random page writes (about min(group, L0 pages) per
     commit) against one more merge level per factor 8: measured with
     1,000-event commits to 2M keys, 8K-32K beat 64K-128K by 1.3-1.5x. */
@@ -111,7 +111,7 @@ open_dbis (tly_store *self, const char **why)
     else
     if (rc == 0 && !format_ok (txn, self->meta)) {
         mdb_txn_abort (txn);
-        *why = "the ledger in this data dir is not format " FORMAT " (formats 1 to 3 "
+        *why = "the ledger in this data dir is not format " FORMAT " (formats 1 to 4 "
                "laid out the idempotency index differently): this tallyd reads format "
                FORMAT " only; start from a fresh data dir (there is no migration)";
         return TLY_EINVAL;
@@ -169,7 +169,7 @@ tly_store_open (const char *dir, size_t map_size, tly_store **out, const char **
         return TLY_EIO;
     }
     int rc = mdb_env_create (&self->env);
-    if (!rc) rc = mdb_env_set_maxdbs (self->env, 4 + 4 + DX_TIERS);
+    if (!rc) rc = mdb_env_set_maxdbs (self->env, 4 + 4 + DX_SLOTS);
     if (!rc) rc = mdb_env_set_mapsize (self->env, map_size);
     if (!rc) rc = mdb_env_set_maxreaders (self->env, 256);
     if (!rc) rc = mdb_env_open (self->env, path, MDB_NOTLS, 0644);

@@ -464,7 +464,7 @@ test_dedup_lsm (void **state)
     assert_int_equal (mdb_cursor_open (txn, blooms, &cur), 0);
     assert_int_equal (mdb_cursor_get (cur, &k, &v, MDB_FIRST), 0);
     uint8_t *zeroed = calloc (1, v.mv_size);
-    memcpy (zeroed, v.mv_data, 8);              /* keep the header */
+    memcpy (zeroed, v.mv_data, 16);             /* keep the header */
     uint8_t key[4];
     memcpy (key, k.mv_data, 4);
     MDB_val k2 = { 4, key }, v2 = { v.mv_size, zeroed };

@@ -10,14 +10,15 @@
                stored, so tly_reader_node (0, seq) computes it from the entry.
       dedup, dedup.1  16-byte keyed BLAKE2b of (customer, key) -> seq (u64):
                the two "L0" tables, the most recent keys only (see below)
-      runs.0 .. runs.9  run id (u32 big-endian) || dedup (16 B) -> seq (u64):
-               the sorted runs of tier 0 .. 9
+      run.0 .. run.255  dedup (16 B) -> seq (u64): one sorted run each (or
+               empty, or a run being built or dead)
       blooms   run id (u32 big-endian) -> count (u32) || nblocks (u32) ||
-               tier (u32) || nblocks * 64 B of blocked Bloom filter (host
-               byte order): one record per visible run
+               tier (u32) || table (u32: the N of run.N) || nblocks * 64 B
+               of blocked Bloom filter (host byte order): one record per
+               visible run
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
-      meta     "format" -> "4", "dedup_key" -> 32 random bytes,
-               "dedup.state" -> the index's maintenance state (src/dedup.c)
+      meta     "format" -> "5", "dedup_key" -> 32 random bytes,
+               "dedup.state" -> which L0 takes inserts (src/dedup.c)
 
     The deduplication index is a small LSM tree, so that what a commit
     writes stays proportional to the commit, and sequential, at any index
@@ -36,16 +37,17 @@
       - when 8 runs of tier t are visible, they are merged the same way,
         a slice per commit, into a run of tier t + 1; the commit that ends
         the merge makes the new run visible and the 8 old ones invisible
-        ("dead"), and later commits delete the dead runs' records a slice
-        at a time.  So O(8 log8 (N / l0_max)) runs are visible at a time.
+        ("dead"), and a later commit empties each dead run's table with one
+        mdb_drop, which frees its pages without reading or writing them.
+        So O(8 log8 (N / l0_max)) runs are visible at a time.
     Each slice moves about 2 records per event the commit appends, per job,
-    which keeps every job ahead of the appends.  A run being built has the
-    highest id in its tier's table, so each table only receives appends.
+    which keeps every job ahead of the appends.  A run is built in a table
+    of its own, in key order, so each table only receives appends.
     A key is visible in exactly one place (an L0 or one visible run); a
     lookup asks the L0s, then each visible run newest first whose filter
     says "maybe".  All of it happens in the writer's txns, so a crash or an
     abort leaves a consistent layout; a run half built at a crash is
-    deleted and its build starts again.  Data dirs of formats 1 to 3 are
+    emptied and its build starts again.  Data dirs of formats 1 to 4 are
     refused by tly_store_open.
 
     Every appended entry, its nodes, its dedup record and the commit's signed
@@ -71,8 +73,8 @@
 #include "sth.h"
 
 #define TLY_DEDUP_LEN 16
-/*  A position in tly_reader_dedup_scan: table (u8) || run id (u32 BE) ||
-    dedup; opaque to callers. */
+/*  A position in tly_reader_dedup_scan: table (u8: 0, 1 the L0s, 2 the
+    runs) || run id (u32 BE) || dedup; opaque to callers. */
 #define TLY_DEDUP_POS_LEN (1 + 4 + TLY_DEDUP_LEN)
 
 typedef struct tly_store tly_store;

@@ -1,0 +1,262 @@
+/*  test_dedup.c -- the idempotency index's LSM tree (src/dedup.h) driven
+    directly against a model: random commits, aborted txns (after the
+    maintenance in them made progress), writer restarts and scrubber scans
+    that span commits.  At every check each committed key is found at its
+    seq, nothing else is, and the scan visits every record; at the end no
+    run table is left holding records no visible run owns. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+#include <lmdb.h>
+#include "dedup.h"
+
+#define KEYS_MAX 60000
+
+typedef struct {
+    char dir[64];
+    MDB_env *env;
+    dx_tables t;
+    dx_writer *w;
+    uint64_t n;                     /* committed keys: seq 0 .. n - 1 */
+    uint64_t rng;
+} fixture;
+
+static uint64_t
+splitmix (uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/*  The key of seq (tag 0), or a key never inserted (tag 1). */
+static void
+key_of (uint64_t seq, int tag, uint8_t key[TLY_DEDUP_LEN])
+{
+    uint64_t x = seq * 2 + (uint64_t) tag, a = splitmix (&x), b = splitmix (&x);
+    memcpy (key, &a, 8);
+    memcpy (key + 8, &b, 8);
+}
+
+static uint64_t
+below (fixture *f, uint64_t n)
+{
+    return splitmix (&f->rng) % n;
+}
+
+static int
+setup (void **state)
+{
+    fixture *f = calloc (1, sizeof *f);
+    strcpy (f->dir, "/tmp/tally-test-dedup-XXXXXX");
+    if (!f || !mkdtemp (f->dir))
+        return -1;
+    MDB_txn *txn;
+    if (mdb_env_create (&f->env)
+    ||  mdb_env_set_maxdbs (f->env, 8 + DX_SLOTS)
+    ||  mdb_env_set_mapsize (f->env, (size_t) 1 << 28)
+    ||  mdb_env_open (f->env, f->dir, MDB_NOTLS | MDB_NOSYNC, 0644)
+    ||  mdb_txn_begin (f->env, NULL, 0, &txn))
+        return -1;
+    if (dx_open (txn, &f->t) || mdb_txn_commit (txn))
+        return -1;
+    f->t.l0_max = 64;
+    f->rng = 42;
+    if (dx_writer_new (&f->t, &f->w))
+        return -1;
+    *state = f;
+    return 0;
+}
+
+static int
+teardown (void **state)
+{
+    fixture *f = *state;
+    dx_writer_destroy (&f->w);
+    mdb_env_close (f->env);
+    char cmd[128];
+    snprintf (cmd, sizeof cmd, "rm -rf %s", f->dir);
+    if (system (cmd)) { /* best effort */ }
+    free (f);
+    return 0;
+}
+
+/*  One txn of `count` new keys with some lookups of old ones, the slice
+    of maintenance a commit does, then a commit or an abort. */
+static void
+txn_round (fixture *f, uint64_t count, bool commit)
+{
+    MDB_txn *txn;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (dx_writer_begin (f->w, txn), TLY_OK);
+    uint8_t key[TLY_DEDUP_LEN];
+    uint64_t seq;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t s = f->n + i;
+        key_of (s, 0, key);
+        assert_int_equal (dx_writer_lookup (f->w, key, &seq), TLY_ENOTFOUND);
+        assert_int_equal (dx_writer_insert (f->w, key, s), TLY_OK);
+        assert_int_equal (dx_writer_insert (f->w, key, s), TLY_EEXIST);
+        if (f->n) {
+            uint64_t old = below (f, f->n);
+            key_of (old, 0, key);
+            assert_int_equal (dx_writer_lookup (f->w, key, &seq), TLY_OK);
+            assert_int_equal (seq, old);
+        }
+    }
+    assert_int_equal (dx_writer_maintain (f->w, count), TLY_OK);
+    if (commit) {
+        assert_int_equal (mdb_txn_commit (txn), 0);
+        f->n += count;
+    }
+    else
+        mdb_txn_abort (txn);
+    dx_writer_end (f->w, commit);
+}
+
+/*  Every committed key found at its seq, keys never inserted (and the
+    ones of aborted txns) not found, in a fresh read snapshot. */
+static void
+check_lookups (fixture *f)
+{
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal (dx_view_load (&f->t, txn, &view), TLY_OK);
+    uint8_t key[TLY_DEDUP_LEN];
+    uint64_t seq;
+    for (uint64_t s = 0; s < f->n; s++) {
+        key_of (s, 0, key);
+        assert_int_equal (dx_lookup (&f->t, txn, &view, key, &seq), TLY_OK);
+        assert_int_equal (seq, s);
+    }
+    for (uint64_t s = f->n; s < f->n + 300; s++) {
+        key_of (s, 0, key);
+        assert_int_equal (dx_lookup (&f->t, txn, &view, key, &seq), TLY_ENOTFOUND);
+        key_of (s, 1, key);
+        assert_int_equal (dx_lookup (&f->t, txn, &view, key, &seq), TLY_ENOTFOUND);
+    }
+    dx_view_free (&view);
+    mdb_txn_abort (txn);
+}
+
+typedef struct {
+    uint8_t *seen;
+    uint64_t n;
+} seen_ctx;
+
+static int
+seen_one (void *arg, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq)
+{
+    seen_ctx *c = arg;
+    uint8_t want[TLY_DEDUP_LEN];
+    assert_true (seq < c->n);
+    key_of (seq, 0, want);
+    assert_memory_equal (dedup, want, TLY_DEDUP_LEN);
+    if (c->seen[seq] < 255)
+        c->seen[seq]++;
+    return TLY_OK;
+}
+
+/*  One slice of a scan from pos (NULL: the start), in its own snapshot. */
+static bool
+scan_slice (fixture *f, seen_ctx *c, uint8_t pos[TLY_DEDUP_POS_LEN], bool started, size_t slice)
+{
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    bool done = false;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal (dx_view_load (&f->t, txn, &view), TLY_OK);
+    assert_int_equal (dx_scan (&f->t, txn, &view, started ? pos : NULL, slice, seen_one, c,
+                               pos, &done), TLY_OK);
+    dx_view_free (&view);
+    mdb_txn_abort (txn);
+    return done;
+}
+
+/*  Random commits and aborts, with a writer restart now and then and a
+    scrubber scan running across them: a scan visits at least every record
+    that was committed when it started (a record a merge moved may be
+    visited twice).  In the end, all maintenance done, one scan visits
+    every record exactly once and only visible runs' tables hold records. */
+static void
+test_dedup_model (void **state)
+{
+    fixture *f = *state;
+    seen_ctx c = { .seen = calloc (KEYS_MAX, 1), .n = KEYS_MAX };
+    uint8_t pos[TLY_DEDUP_POS_LEN];
+    bool started = false;
+    uint64_t scan_from = 0;         /* keys committed when the scan began */
+    int aborts = 0, restarts = 0, scans = 0;
+    for (int round = 1; f->n < KEYS_MAX - 200; round++) {
+        uint64_t count = 1 + below (f, below (f, 4) ? 24 : 180);
+        bool commit = below (f, 5) != 0;
+        txn_round (f, count, commit);
+        aborts += !commit;
+        if (below (f, 60) == 0) {   /* a restart: the state is what is on disk */
+            dx_writer_destroy (&f->w);
+            assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+            restarts++;
+        }
+        if (!started) {
+            memset (c.seen, 0, KEYS_MAX);
+            scan_from = f->n;
+        }
+        bool done = scan_slice (f, &c, pos, started, 1 + (size_t) below (f, 300));
+        started = !done;
+        if (done) {
+            for (uint64_t s = 0; s < scan_from; s++)
+                assert_true (c.seen[s] >= 1);
+            scans++;
+        }
+        if (round % 97 == 0)
+            check_lookups (f);
+    }
+    assert_true (aborts > 0 && restarts > 0 && scans > 0);
+
+    MDB_txn *txn;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (dx_writer_begin (f->w, txn), TLY_OK);
+    assert_int_equal (dx_writer_finish (f->w), TLY_OK);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    dx_writer_end (f->w, true);
+    size_t builds, dead;
+    dx_writer_backlog (f->w, &builds, &dead);
+    assert_int_equal (builds, 0);
+    assert_int_equal (dead, 0);
+    check_lookups (f);
+    memset (c.seen, 0, KEYS_MAX);
+    assert_true (scan_slice (f, &c, pos, false, KEYS_MAX));
+    for (uint64_t s = 0; s < KEYS_MAX; s++)
+        assert_int_equal (c.seen[s], s < f->n);
+
+    dx_view view = { 0 };
+    size_t used = 0;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal (dx_view_load (&f->t, txn, &view), TLY_OK);
+    for (unsigned s = 0; s < DX_SLOTS; s++) {
+        MDB_stat st;
+        assert_int_equal (mdb_stat (txn, f->t.slot[s], &st), 0);
+        used += st.ms_entries > 0;
+    }
+    assert_int_equal (used, view.n);
+    print_message ("dedup model: %llu keys, %d aborted txns, %d restarts, %d scans, %zu runs\n",
+                   (unsigned long long) f->n, aborts, restarts, scans, view.n);
+    dx_view_free (&view);
+    mdb_txn_abort (txn);
+    free (c.seen);
+}
+
+int
+main (void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown (test_dedup_model, setup, teardown),
+    };
+    return cmocka_run_group_tests (tests, NULL, NULL);
+}
