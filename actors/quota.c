@@ -397,8 +397,13 @@ count_ledger (quota_t *self)
         }
     } while (!rc && seq < size);
     tly_reader_destroy (&r);
-    if (rc == TLY_EUNAVAIL)
+    if (rc == TLY_EUNAVAIL) {
+        /*  Stopped between slices: the rows hold the usage of exactly
+            [0, counted), so the last checkpoint keeps it and the next
+            start goes on from there instead of from the old checkpoint. */
+        self->dirty |= seq > from;
         return rc;
+    }
     if (rc) {
         tly_error (WHO, "cannot count ledger entry %llu: %s; run `tally ctl verify`",
                    (unsigned long long) seq, tly_strerror (rc));

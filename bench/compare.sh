@@ -238,9 +238,15 @@ big_log () {
         # A log written by the ceiling has no quota checkpoint: tallyd's first
         # start recounts it (seconds at 50M) and the first measured run would
         # pay for it.  One small run leaves the log as a running tallyd has it.
+        # Writes get `unavailable` until the count is done (20 s at 50M); a
+        # stopped tallyd keeps what it counted, so tries converge.
         log "warming $dir up (tallyd counts quota usage once and checkpoints it)"
-        "$BENCH" --spawn --tallyd "$SRV" "${BIG_ARGS[@]}" --data-dir "$dir" --events 1000 \
-            --batch 1000 --quiet >/dev/null || log "the warm-up run failed (see above)"
+        local try
+        for try in $(seq 1 30); do
+            "$BENCH" --spawn --tallyd "$SRV" "${BIG_ARGS[@]}" --data-dir "$dir" --events 1000 \
+                --batch 1000 --quiet >/dev/null 2>&1 && break
+            log "warm-up try $try failed (tallyd is most likely still counting); trying again"
+        done
         echo $(( n + 1000 )) >"$dir/.entries"
     fi
     echo "$dir"
