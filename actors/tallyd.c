@@ -15,6 +15,7 @@
 #include "actors.h"
 #include "tally/log.h"
 #include "tally/msg.h"
+#include "tally/sha256.h"
 #include "proto.h"
 
 #define WHO "tallyd"
@@ -67,6 +68,10 @@ usage (FILE *out)
 "  --shutdown-ms MS        time an actor gets to stop [10000]\n"
 "  --help                  this text\n"
 "  --version               the version\n"
+"\n"
+"Environment (tuning and diagnosis; leave unset in production):\n"
+"  TALLY_L0_MAX=N          keys in the dedup index's L0 before a flush [16384]\n"
+"  TALLY_SHA256=portable   hash with libsodium even where the CPU has SHA-NI\n"
 "\n"
 "Signals: SIGTERM or SIGINT stops taking requests, answers those in flight,\n"
 "and exits 0.  Exit status 70: the supervisor gave up (restart intensity\n"
@@ -676,9 +681,10 @@ main (int argc, char **argv)
         env_close (&env, &control);
         return 1;
     }
-    tly_info (WHO, "tallyd %s serving: api %s, control %s, data %s (%s, %u restarts in %us)",
-              TLY_VERSION, opt.api, opt.control, opt.data_dir,
-              tly_strategy_name (sup_cfg.strategy), sup_cfg.intensity, opt.period_s);
+    tly_info (WHO, "tallyd %s serving: api %s, control %s, data %s (%s, %u restarts in %us; "
+                   "SHA-256 %s)", TLY_VERSION, opt.api, opt.control, opt.data_dir,
+              tly_strategy_name (sup_cfg.strategy), sup_cfg.intensity, opt.period_s,
+              tly_sha256_accelerated () ? "on SHA-NI" : "portable");
     int status = serve (&opt, sup, &env, control, sigfd);
     tly_sup_destroy (&sup);
     env_close (&env, &control);

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sodium.h>
 #include "tally/merkle.h"
+#include "tally/sha256.h"
 
 /*  The largest power of two strictly less than n, for n >= 2. */
 static uint64_t
@@ -33,13 +34,7 @@ lowest_bit (uint64_t x)
 void
 tly_merkle_leaf_hash (const uint8_t *leaf, size_t len, uint8_t out[TLY_HASH_LEN])
 {
-    static const uint8_t prefix = 0x00;
-    crypto_hash_sha256_state st;
-    crypto_hash_sha256_init (&st);
-    crypto_hash_sha256_update (&st, &prefix, 1);
-    if (len > 0)
-        crypto_hash_sha256_update (&st, leaf, len);
-    crypto_hash_sha256_final (&st, out);
+    tly_sha256_prefixed (0x00, leaf, len, out);
 }
 
 void
@@ -47,13 +42,11 @@ tly_merkle_node_hash (const uint8_t left[TLY_HASH_LEN],
                       const uint8_t right[TLY_HASH_LEN],
                       uint8_t out[TLY_HASH_LEN])
 {
-    //  One contiguous 65-byte message hashes faster than three updates,
-    //  and lets `out` alias `left` or `right`.
-    uint8_t msg[1 + 2 * TLY_HASH_LEN];
-    msg[0] = 0x01;
-    memcpy (msg + 1, left, TLY_HASH_LEN);
-    memcpy (msg + 1 + TLY_HASH_LEN, right, TLY_HASH_LEN);
-    crypto_hash_sha256 (out, msg, sizeof msg);
+    //  One contiguous message, which also lets `out` alias `left` or `right`.
+    uint8_t msg[2 * TLY_HASH_LEN];
+    memcpy (msg, left, TLY_HASH_LEN);
+    memcpy (msg + TLY_HASH_LEN, right, TLY_HASH_LEN);
+    tly_sha256_prefixed (0x01, msg, sizeof msg, out);
 }
 
 void
