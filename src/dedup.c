@@ -586,8 +586,10 @@ build_start (dx_writer *self, unsigned tier, uint64_t total, const dx_run *in)
     b->out = self->next_id++;
     b->slot = slot;
     b->total = total;
-    if (in)
-        memcpy (b->in, in, sizeof b->in);
+    for (size_t i = 0; in && i < MERGE_FANIN; i++) {
+        b->in[i] = in[i];
+        b->in[i].bits = NULL;       /* valid for this txn only; not needed */
+    }
     b->on = true;
     changed (self);
     return TLY_OK;
