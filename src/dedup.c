@@ -563,18 +563,22 @@ dx_writer_backlog (dx_writer *self, size_t *builds, size_t *dead)
 
 /* ---- builds ---- */
 
-/*  Starts a run of tier in a free table, if there is one (else it waits
-    for a dead one to be emptied; the index only grows slower meanwhile). */
+/*  Starts a run of tier in a free table, if there is one; else it waits
+    for a dead one to be emptied (the index only grows slower meanwhile).
+    A flush leaves DX_TIERS tables free: only merges, which free 7 tables
+    net, may take the last ones, so flushes can never fill the pool with
+    runs that no merge has a table left to combine. */
 static int
 build_start (dx_writer *self, unsigned tier, uint64_t total, const dx_run *in)
 {
     dx_build *b = &self->build[tier];
     if (total > UINT32_MAX)
         return TLY_ETOOLARGE;
-    uint32_t slot = 0;
-    while (slot < DX_SLOTS && (self->dead[slot] || slot_owned (self, slot)))
-        slot++;
-    if (slot == DX_SLOTS)
+    uint32_t slot = DX_SLOTS, nfree = 0;
+    for (uint32_t s = 0; s < DX_SLOTS; s++)
+        if (!self->dead[s] && !slot_owned (self, s) && nfree++ == 0)
+            slot = s;
+    if (nfree == 0 || (tier == 0 && nfree <= DX_TIERS))
         return TLY_OK;
     memset (b, 0, sizeof *b);
     b->nblocks = bloom_nblocks (total);
@@ -816,20 +820,32 @@ start_builds (dx_writer *self)
     return err;
 }
 
-/*  Empties one dead table.  mdb_drop frees a table's pages without
-    reading its leaves, or writing any: the cost of a dead run is a few
-    branch pages and its page numbers on the free list, once. */
+/*  Empties dead tables: at least one a commit, and more while the
+    records emptied stay within DX_TIERS times the commit's budget.  A key
+    dies at most once per tier it passes through, so this keeps up with
+    whatever the merges retire, however large the commits.  mdb_drop frees
+    a table's pages without reading its leaves or writing any page: the
+    cost is its branch pages and its page numbers on the free list. */
 static int
-drop_dead (dx_writer *self)
+drop_dead (dx_writer *self, uint64_t budget)
 {
-    for (uint32_t s = 0; s < DX_SLOTS; s++)
-        if (self->dead[s]) {
-            if (mdb_drop (self->txn, self->t->slot[s], 0))
-                return TLY_EIO;
-            self->dead[s] = false;
-            changed (self);
+    uint64_t allowed = budget > UINT64_MAX / DX_TIERS ? UINT64_MAX : budget * DX_TIERS;
+    uint64_t dropped = 0;
+    for (uint32_t s = 0; s < DX_SLOTS && (dropped == 0 || dropped < allowed); s++) {
+        if (!self->dead[s])
+            continue;
+        size_t n;
+        int err = table_entries (self->txn, self->t->slot[s], &n);
+        if (err)
+            return err;
+        if (dropped > 0 && dropped + n > allowed)
             break;
-        }
+        if (mdb_drop (self->txn, self->t->slot[s], 0))
+            return TLY_EIO;
+        self->dead[s] = false;
+        dropped += n + 1;           /* an empty table counts too */
+        changed (self);
+    }
     return TLY_OK;
 }
 
@@ -838,7 +854,7 @@ maintain (dx_writer *self, uint64_t budget, bool *worked)
 {
     uint64_t work = self->work;
     uint32_t active = self->active;
-    int err = drop_dead (self);
+    int err = drop_dead (self, budget);
     if (!err)
         err = start_builds (self);
     for (unsigned j = 0; j < DX_TIERS && !err; j++)

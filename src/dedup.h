@@ -27,10 +27,11 @@
 
 #define DX_TIERS 10                 /* tiers of runs; tier 9 runs never merge */
 /*  Run tables.  Each tier holds at most 16 visible runs (8 waiting for a
-    merge, 8 made while it goes on), 1 being built and, for a few commits,
-    8 dead: 25 tables.  Tiers 0 to 5 cover 4.7 billion events (a tier-5 run
-    holds 16384 * 8^5 = 537M keys).  Were all taken, builds would wait for
-    a dead table to be emptied; the index only grows slower meanwhile. */
+    merge, 8 made while it goes on) and 1 being built; dead ones are
+    emptied as fast as merges retire them.  Tiers 0 to 5 cover 4.7 billion
+    events (a tier-5 run holds 16384 * 8^5 = 537M keys).  A flush never
+    takes the last DX_TIERS free tables, so merges can always start; were
+    the pool ever full, builds would wait and the index only grow slower. */
 #define DX_SLOTS 256
 
 /*  The tables, opened once by the store. */

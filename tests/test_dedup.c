@@ -14,7 +14,7 @@
 #include <lmdb.h>
 #include "dedup.h"
 
-#define KEYS_MAX 60000
+#define KEYS_MAX 60000             /* test_dedup_model */
 
 typedef struct {
     char dir[64];
@@ -252,11 +252,49 @@ test_dedup_model (void **state)
     free (c.seen);
 }
 
+/*  Commits as large as L0 or larger (a bulk import, tallyd's default
+    group of up to 50,000 events): a flush ends in every commit, merges
+    retire 8 tables at a time, and the pool of run tables must not fill
+    up.  Visible runs, dead tables and both L0s stay bounded throughout. */
+static void
+test_dedup_large_commits (void **state)
+{
+    fixture *f = *state;
+    size_t max_runs = 0, max_dead = 0, max_l0 = 0;
+    for (int c = 0; c < 2500; c++) {
+        txn_round (f, 64 + below (f, 137), true);
+        size_t builds, dead, l0[2];
+        dx_writer_backlog (f->w, &builds, &dead);
+        MDB_txn *txn;
+        dx_view view = { 0 };
+        MDB_stat st;
+        assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+        assert_int_equal (dx_view_load (&f->t, txn, &view), TLY_OK);
+        for (int i = 0; i < 2; i++) {
+            assert_int_equal (mdb_stat (txn, f->t.l0[i], &st), 0);
+            l0[i] = st.ms_entries;
+        }
+        mdb_txn_abort (txn);
+        max_runs = view.n > max_runs ? view.n : max_runs;
+        max_dead = dead > max_dead ? dead : max_dead;
+        max_l0 = l0[0] + l0[1] > max_l0 ? l0[0] + l0[1] : max_l0;
+        dx_view_free (&view);
+    }
+    print_message ("large commits: %llu keys, at most %zu runs, %zu dead tables, %zu keys in L0\n",
+                   (unsigned long long) f->n, max_runs, max_dead, max_l0);
+    /*  Tiers 0 to 4 at 330k keys: at most 16 visible runs each. */
+    assert_true (max_runs <= 5 * 16);
+    assert_true (max_dead <= 3 * 8);
+    assert_true (max_l0 <= 2 * 200);
+    check_lookups (f);
+}
+
 int
 main (void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown (test_dedup_model, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_large_commits, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);
 }
