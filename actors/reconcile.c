@@ -107,8 +107,11 @@ check_entries (recon_t *self, size_t budget)
             fail (self, "entry %llu is not a canonical leaf for its seq", (unsigned long long) seq);
         self->checked++;
     }
-    if (self->pos >= self->size)
-        self->phase = PH_NODES;
+    if (self->pos >= self->size) {
+        self->phase = PH_NODES;     /* from the level-1 nodes, which cover the leaves */
+        self->level = 1;
+        self->pos = 0;
+    }
     return done;
 }
 

@@ -32,7 +32,7 @@
 
 typedef struct {
     char data_dir[1024];
-    bool data_dir_given, keep, json, quiet, seq_dedup;
+    bool data_dir_given, keep, json, quiet;
     uint64_t events;
     double duration;
     unsigned batch, request_size, group_max;
@@ -60,8 +60,6 @@ usage (FILE *out)
 "                     events; each commit takes all that are due, up to --group-max [50000]\n"
 "  --customers N      [1000]    --meters N  [10]\n"
 "  --dup-ratio R      fraction of events re-sending a committed key [0]\n"
-"  --seq-dedup        experiment: dedup keys ascending with seq (what a write-optimized\n"
-"                     dedup index would write); duplicates are then not detected\n"
 "  --json             one JSON result line     --label TEXT   copied into it\n"
 "  --quiet            no progress line\n");
 }
@@ -106,14 +104,6 @@ one_event (ceil_t *c, uint64_t recv_ts)
         return TLY_ENOMEM;
     uint8_t dedup[TLY_DEDUP_LEN];
     tly_store_dedup_hash (c->store, &ev.ev.customer, &ev.ev.key, dedup);
-    if (O.seq_dedup) {
-        /*  Experiment: what the commit costs when the dedup records it
-            writes are sequential (keys ascending with seq, as a staged or
-            log-structured index would write them). */
-        uint64_t next = tly_writer_next_seq (c->writer);
-        for (int b = 0; b < 8; b++)
-            dedup[b] = (uint8_t) (next >> (56 - 8 * b));
-    }
     uint64_t seq;
     int rc = tly_writer_lookup (c->writer, dedup, &seq);
     if (rc == TLY_OK) {
@@ -188,7 +178,7 @@ static void
 parse_args (int argc, char **argv)
 {
     enum { A_DIR = 256, A_KEEP, A_EVENTS, A_DURATION, A_BATCH, A_RATE, A_REQ, A_GROUP, A_CUST,
-           A_METERS, A_DUP, A_JSON, A_LABEL, A_QUIET, A_HELP, A_SEQ };
+           A_METERS, A_DUP, A_JSON, A_LABEL, A_QUIET, A_HELP };
     static const struct option lo[] = {
         { "data-dir", required_argument, 0, A_DIR }, { "keep", no_argument, 0, A_KEEP },
         { "events", required_argument, 0, A_EVENTS },
@@ -200,7 +190,6 @@ parse_args (int argc, char **argv)
         { "meters", required_argument, 0, A_METERS },
         { "dup-ratio", required_argument, 0, A_DUP }, { "json", no_argument, 0, A_JSON },
         { "label", required_argument, 0, A_LABEL }, { "quiet", no_argument, 0, A_QUIET },
-        { "seq-dedup", no_argument, 0, A_SEQ },
         { "help", no_argument, 0, A_HELP }, { 0, 0, 0, 0 },
     };
     O.batch = 1000;
@@ -228,13 +217,12 @@ parse_args (int argc, char **argv)
             case A_JSON: O.json = true; break;
             case A_LABEL: O.label = optarg; break;
             case A_QUIET: O.quiet = true; break;
-            case A_SEQ: O.seq_dedup = true; break;
             case A_HELP: usage (stdout); exit (0);
             default: usage (stderr); exit (2);
         }
     }
     if (optind < argc || O.batch < 1 || O.request_size < 1 || O.group_max < 1
-    ||  (O.seq_dedup && O.dup_ratio > 0) || O.dup_ratio < 0 || O.dup_ratio >= 1 || O.rate < 0
+    ||  O.dup_ratio < 0 || O.dup_ratio >= 1 || O.rate < 0
     ||  O.customers < 1 || O.meters < 1) {
         usage (stderr);
         exit (2);

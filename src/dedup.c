@@ -1,5 +1,6 @@
-/*  dedup.c -- the idempotency index: L0s, tiered sorted runs, Bloom
-    filters, and the bounded builds that keep it small (see dedup.h). */
+/*  dedup.c -- the idempotency index: tiered sorted runs over an
+    in-memory L0, Bloom filters, and the bounded builds that keep it small
+    (see dedup.h). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,8 +21,7 @@
 #define BLOOM_BITS_PER_KEY 12
 #define BLOOM_K         7
 #define BLOOM_HDR       16          /* count, nblocks, tier, slot: u32 each */
-#define STATE_VERSION   2
-#define SCAN_RUNS       2           /* a scan position's table: L0 0, L0 1, runs */
+#define STATE_VERSION   3
 
 static const MDB_val STATE_KEY = { 11, "dedup.state" };
 
@@ -157,15 +157,77 @@ int
 dx_open (MDB_txn *txn, dx_tables *t)
 {
     char name[16];
-    int rc = mdb_dbi_open (txn, "dedup", MDB_CREATE, &t->l0[0]);
-    if (!rc) rc = mdb_dbi_open (txn, "dedup.1", MDB_CREATE, &t->l0[1]);
-    if (!rc) rc = mdb_dbi_open (txn, "blooms", MDB_CREATE, &t->blooms);
+    int rc = mdb_dbi_open (txn, "blooms", MDB_CREATE, &t->blooms);
     if (!rc) rc = mdb_dbi_open (txn, "meta", MDB_CREATE, &t->meta);
     for (unsigned i = 0; i < DX_SLOTS && !rc; i++) {
         snprintf (name, sizeof name, "run.%u", i);
         rc = mdb_dbi_open (txn, name, MDB_CREATE, &t->slot[i]);
     }
     return rc ? lmdb_err (rc) : TLY_OK;
+}
+
+/*  meta "dedup.state": version (u32), 0 (u32), covered (u64), host order;
+    absent in a new ledger (nothing covered). */
+static int
+covered_load (const dx_tables *t, MDB_txn *txn, uint64_t *covered)
+{
+    MDB_val v;
+    *covered = 0;
+    int rc = mdb_get (txn, t->meta, (MDB_val *) &STATE_KEY, &v);
+    if (rc == MDB_NOTFOUND)
+        return TLY_OK;
+    if (rc)
+        return TLY_EIO;
+    uint32_t version;
+    if (v.mv_size != 16)
+        return TLY_ECORRUPT;
+    memcpy (&version, v.mv_data, 4);
+    memcpy (covered, (const uint8_t *) v.mv_data + 8, 8);
+    return version == STATE_VERSION ? TLY_OK : TLY_ECORRUPT;
+}
+
+static int
+covered_store (const dx_tables *t, MDB_txn *txn, uint64_t covered)
+{
+    uint8_t h[16] = { 0 };
+    uint32_t version = STATE_VERSION;
+    memcpy (h, &version, 4);
+    memcpy (h + 8, &covered, 8);
+    MDB_val v = { sizeof h, h };
+    int rc = mdb_put (txn, t->meta, (MDB_val *) &STATE_KEY, &v, 0);
+    return rc ? lmdb_err (rc) : TLY_OK;
+}
+
+/*  Format 5 kept L0 on disk in "dedup" and "dedup.1", which held exactly
+    the keys of the entries [covered, size): the smallest seq in them is
+    covered (size when both are empty).  Record it and delete them. */
+int
+dx_migrate_5 (const dx_tables *t, MDB_txn *txn, uint64_t size)
+{
+    static const char *names[2] = { "dedup", "dedup.1" };
+    uint64_t covered = size;
+    for (int i = 0; i < 2; i++) {
+        MDB_dbi dbi;
+        MDB_cursor *cur;
+        int rc = mdb_dbi_open (txn, names[i], 0, &dbi);
+        if (rc == MDB_NOTFOUND)
+            continue;
+        if (rc || mdb_cursor_open (txn, dbi, &cur))
+            return TLY_EIO;
+        MDB_val k, v;
+        int err = TLY_OK;
+        uint64_t seq;
+        for (rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST); rc == 0 && !err;
+             rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT))
+            if (!(err = seq_from_val (&v, &seq)) && seq < covered)
+                covered = seq;
+        mdb_cursor_close (cur);
+        if (err)
+            return err;
+        if (rc != MDB_NOTFOUND || mdb_drop (txn, dbi, 1))
+            return TLY_EIO;
+    }
+    return covered_store (t, txn, covered);
 }
 
 /* ---- views: the visible runs ---- */
@@ -215,13 +277,15 @@ dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view)
 {
     view->n = 0;
     view->probes = 0;
+    int err = covered_load (t, txn, &view->covered);
+    if (err)
+        return err;
     MDB_cursor *cur;
     if (mdb_cursor_open (txn, t->blooms, &cur))
         return TLY_EIO;
     bool taken[DX_SLOTS] = { false };
     MDB_val k, v;
     int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
-    int err = TLY_OK;
     for (; rc == 0; rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT)) {
         if (k.mv_size != 4 || v.mv_size < BLOOM_HDR) {
             err = TLY_ECORRUPT;
@@ -248,14 +312,21 @@ dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view)
     return err;
 }
 
+int
+dx_view_sync (const dx_tables *t, MDB_txn *txn, dx_view *view, uint64_t size)
+{
+    return l0_sync (&view->l0, txn, view->covered, size, t->key_of, t->key_ctx);
+}
+
 void
 dx_view_free (dx_view *view)
 {
     free (view->runs);
+    l0_free (&view->l0);
     memset (view, 0, sizeof *view);
 }
 
-/*  The L0s, then the runs newest first; each key is visible in exactly one
+/*  L0, then the runs newest first; each key is visible in exactly one
     place, so the order only matters for speed (recent keys are hot). */
 int
 dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
@@ -263,13 +334,8 @@ dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
 {
     MDB_val k = { TLY_DEDUP_LEN, (void *) key }, v;
     bloom_prefetch (view, key);
-    for (int i = 0; i < 2; i++) {
-        int rc = mdb_get (txn, t->l0[i], &k, &v);
-        if (rc == 0)
-            return seq_from_val (&v, seq);
-        if (rc != MDB_NOTFOUND)
-            return TLY_EIO;
-    }
+    if (l0_find (&view->l0, key, seq) == TLY_OK)
+        return TLY_OK;
     for (size_t i = view->n; i-- > 0;) {
         const dx_run *run = &view->runs[i];
         if (!bloom_maybe (run, key))
@@ -293,13 +359,12 @@ typedef struct {
     size_t left;                    /* records still to visit in this call */
 } scan_ctx;
 
-/*  Visits the records of one table after `resume` (NULL: from its first)
-    until it ends (*ended) or sc->left runs out.  run is the visible run
-    the table holds (NULL: an L0); its filter must say "maybe" for each of
-    its keys, or lookups would not see them: a silent hole in
-    deduplication. */
+/*  Visits the records of one visible run's table after `resume` (NULL:
+    from its first) until it ends (*ended) or sc->left runs out.  The
+    run's filter must say "maybe" for each of its keys, or lookups would
+    not see them: a silent hole in deduplication. */
 static int
-scan_table (MDB_txn *txn, MDB_dbi dbi, uint8_t table, const dx_run *run,
+scan_table (MDB_txn *txn, MDB_dbi dbi, const dx_run *run,
             const uint8_t *resume, scan_ctx *sc, bool *ended)
 {
     MDB_cursor *cur;
@@ -319,13 +384,12 @@ scan_table (MDB_txn *txn, MDB_dbi dbi, uint8_t table, const dx_run *run,
     int err = TLY_OK;
     for (; rc == 0 && sc->left > 0; sc->left--) {
         if (k.mv_size != TLY_DEDUP_LEN || v.mv_size != 8
-        ||  (run && (!run->bits || !bloom_maybe (run, k.mv_data)))) {
+        ||  !run->bits || !bloom_maybe (run, k.mv_data)) {
             err = TLY_ECORRUPT;
             break;
         }
-        sc->last[0] = table;
-        put_be32 (sc->last + 1, run ? run->id : 0);
-        memcpy (sc->last + 5, k.mv_data, TLY_DEDUP_LEN);
+        put_be32 (sc->last, run->id);
+        memcpy (sc->last + 4, k.mv_data, TLY_DEDUP_LEN);
         uint64_t seq;
         memcpy (&seq, v.mv_data, 8);
         if ((err = sc->fn (sc->ctx, k.mv_data, seq)))
@@ -339,32 +403,27 @@ scan_table (MDB_txn *txn, MDB_dbi dbi, uint8_t table, const dx_run *run,
     return err;
 }
 
-/*  A position is table (u8: 0, 1 the L0s, 2 the runs) || run id (u32 BE,
-    0 in an L0) || dedup; the runs are visited by ascending id.  Records
-    only ever move to a later table, or to a run with a higher id than any
-    before it, so a pass started before a flush or merge still visits
+/*  A position is run id (u32 BE) || dedup; the runs are visited by
+    ascending id.  Records only ever move to a run with a higher id than
+    any before it, so a pass started before a flush or merge still visits
     every record it started with.  Runs being built or dead are not
-    visible: nothing looks in them, so nothing to check. */
+    visible: nothing looks in them, so nothing to check.  L0 is not
+    stored: the entries it is derived from are checked as entries. */
 int
 dx_scan (const dx_tables *t, MDB_txn *txn, const dx_view *view, const uint8_t *after,
          size_t count, tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN],
          bool *done)
 {
-    unsigned table = after ? after[0] : 0;
-    if (table > SCAN_RUNS)
-        return TLY_EINVAL;
     scan_ctx sc = { fn, ctx, last, count };
-    const uint8_t *resume = after ? after + 5 : NULL;
+    const uint8_t *resume = after ? after + 4 : NULL;
+    uint32_t from = after ? get_be32 (after) : 0;
     bool ended = true;
     int err = TLY_OK;
     *done = false;
-    for (; table < SCAN_RUNS && !err && ended; table++, resume = NULL)
-        err = scan_table (txn, t->l0[table], (uint8_t) table, NULL, resume, &sc, &ended);
-    uint32_t from = after && after[0] == SCAN_RUNS ? get_be32 (after + 1) : 0;
     for (size_t i = view_lower (view, from); i < view->n && !err && ended; i++) {
         const dx_run *run = &view->runs[i];
-        err = scan_table (txn, t->slot[run->slot], SCAN_RUNS, run,
-                          run->id == from ? resume : NULL, &sc, &ended);
+        err = scan_table (txn, t->slot[run->slot], run, run->id == from ? resume : NULL,
+                          &sc, &ended);
     }
     *done = !err && ended;
     return err;
@@ -372,7 +431,7 @@ dx_scan (const dx_tables *t, MDB_txn *txn, const dx_view *view, const uint8_t *a
 
 /* ---- the writer: builds and dead runs ---- */
 
-/*  A run under construction in table slot: from the frozen L0 (tier 0)
+/*  A run under construction in table slot: from L0's oldest keys (tier 0)
     or from MERGE_FANIN runs of tier - 1.  Its filter grows in the
     writer's heap and is stored when the build ends. */
 typedef struct {
@@ -393,7 +452,8 @@ struct dx_writer {
     bool loaded;                    /* the state below matches meta + txn */
     bool dirty;                     /* this txn changed it */
     uint64_t work;                  /* counts changes, to know when to stop */
-    uint32_t active;                /* the L0 taking inserts */
+    dx_rec *frozen;                 /* build[0]: L0's keys [covered, frozen_end), sorted */
+    uint64_t frozen_end;
     uint32_t next_id;
     dx_build build[DX_TIERS];       /* build[j] makes a run of tier j */
     bool dead[DX_SLOTS];            /* holds records no visible run owns */
@@ -430,6 +490,8 @@ forget_state (dx_writer *self)
         free (self->build[j].filter);
         memset (&self->build[j], 0, sizeof self->build[j]);
     }
+    free (self->frozen);
+    self->frozen = NULL;
     self->loaded = false;
 }
 
@@ -467,28 +529,14 @@ slot_owned (const dx_writer *self, uint32_t slot)
     return false;
 }
 
-/*  meta "dedup.state": version, active L0 (u32 each, host order); absent
-    in a new ledger.  The rest is derived: ids grow from the highest
-    visible one, and nothing is being built after a load, so a table with
-    records that no visible run owns holds a dead run or a build cut short
-    (by a crash or an aborted txn), to be emptied. */
+/*  The stored state is `covered` alone (dx_view_load).  The rest is
+    derived: ids grow from the highest visible one, and nothing is being
+    built after a load, so a table with records that no visible run owns
+    holds a dead run or a build cut short (by a crash or an aborted txn),
+    to be emptied. */
 static int
 state_load (dx_writer *self)
 {
-    MDB_val v;
-    self->active = 0;
-    int rc = mdb_get (self->txn, self->t->meta, (MDB_val *) &STATE_KEY, &v);
-    if (rc && rc != MDB_NOTFOUND)
-        return TLY_EIO;
-    if (rc == 0) {
-        uint32_t h[2];
-        if (v.mv_size != sizeof h)
-            return TLY_ECORRUPT;
-        memcpy (h, v.mv_data, sizeof h);
-        if (h[0] != STATE_VERSION || h[1] > 1)
-            return TLY_ECORRUPT;
-        self->active = h[1];
-    }
     self->next_id = self->view.n ? self->view.runs[self->view.n - 1].id + 1 : 1;
     for (uint32_t s = 0; s < DX_SLOTS; s++) {
         size_t n = 0;
@@ -504,23 +552,18 @@ state_load (dx_writer *self)
     return TLY_OK;
 }
 
-static int
-state_store (dx_writer *self)
-{
-    uint32_t h[2] = { STATE_VERSION, self->active };
-    MDB_val v = { sizeof h, h };
-    int rc = mdb_put (self->txn, self->t->meta, (MDB_val *) &STATE_KEY, &v, 0);
-    return rc ? lmdb_err (rc) : TLY_OK;
-}
-
+/*  L0 carries over from the last txn: only after a restart or a failed
+    txn does the sync read entries (the log's tail since `covered`). */
 int
-dx_writer_begin (dx_writer *self, MDB_txn *txn)
+dx_writer_begin (dx_writer *self, MDB_txn *txn, uint64_t size)
 {
     self->txn = txn;
     drop_fresh (self);
     int err = dx_view_load (self->t, txn, &self->view);
     if (!err && !self->loaded)
         err = state_load (self);
+    if (!err)
+        err = dx_view_sync (self->t, txn, &self->view, size);
     return err;
 }
 
@@ -533,13 +576,16 @@ dx_writer_lookup (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t *s
 int
 dx_writer_insert (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t seq)
 {
-    MDB_val k = { TLY_DEDUP_LEN, (void *) key }, v = { 8, &seq };
-    int rc = mdb_put (self->txn, self->t->l0[self->active], &k, &v, MDB_NOOVERWRITE);
-    if (rc == MDB_KEYEXIST)
+    uint64_t old;
+    if (l0_find (&self->view.l0, key, &old) == TLY_OK)
         return TLY_EEXIST;
-    return rc ? lmdb_err (rc) : TLY_OK;
+    if (seq != l0_end (&self->view.l0))
+        return TLY_EINVAL;
+    return l0_push (&self->view.l0, key);
 }
 
+/*  After an abort, L0 may hold keys of entries that were never stored:
+    the next begin's sync drops them. */
 void
 dx_writer_end (dx_writer *self, bool committed)
 {
@@ -559,6 +605,12 @@ dx_writer_backlog (dx_writer *self, size_t *builds, size_t *dead)
     *dead = 0;
     for (uint32_t s = 0; s < DX_SLOTS; s++)
         *dead += self->dead[s];
+}
+
+size_t
+dx_writer_l0_keys (dx_writer *self)
+{
+    return self->view.l0.n;
 }
 
 /* ---- builds ---- */
@@ -639,45 +691,29 @@ build_publish (dx_writer *self, unsigned tier)
     return view_insert (&self->view, run);
 }
 
-/*  Copies up to budget keys of the frozen L0, in order, into tier 0; the
-    last slice publishes the run and empties the frozen L0. */
+/*  Copies up to budget of L0's frozen keys, in order, into tier 0; the
+    last slice publishes the run and moves `covered` past them. */
 static int
 flush_step (dx_writer *self, uint64_t budget)
 {
     dx_build *b = &self->build[0];
-    MDB_dbi frozen = self->t->l0[!self->active];
-    MDB_cursor *cur;
-    if (mdb_cursor_open (self->txn, frozen, &cur))
-        return TLY_EIO;
-    MDB_val k = { TLY_DEDUP_LEN, b->last }, v;
-    int rc;
-    if (b->done == 0)
-        rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
-    else {
-        rc = mdb_cursor_get (cur, &k, &v, MDB_SET_RANGE);
-        if (rc == 0 && memcmp (k.mv_data, b->last, TLY_DEDUP_LEN) == 0)
-            rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
-    }
     int err = TLY_OK;
-    for (; rc == 0 && budget > 0 && !err; budget--) {
-        if (k.mv_size != TLY_DEDUP_LEN || v.mv_size != 8)
-            err = TLY_ECORRUPT;
-        else
-        if (!(err = build_put (self, b, k.mv_data, &v)))
-            rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    for (; b->done < b->total && budget > 0 && !err; budget--) {
+        const dx_rec *r = &self->frozen[b->done];
+        MDB_val seq = { 8, (void *) &r->seq };
+        err = build_put (self, b, r->key, &seq);
     }
-    mdb_cursor_close (cur);
-    if (err)
+    if (err || b->done < b->total)
         return err;
-    if (rc && rc != MDB_NOTFOUND)
-        return TLY_EIO;
-    if (rc == MDB_NOTFOUND) {
-        if ((err = build_publish (self, 0)))
-            return err;
-        if (mdb_drop (self->txn, frozen, 0))
-            return TLY_EIO;
-    }
-    return TLY_OK;
+    if ((err = build_publish (self, 0))
+    ||  (err = covered_store (self->t, self->txn, self->frozen_end)))
+        return err;
+    self->view.covered = self->frozen_end;
+    free (self->frozen);
+    self->frozen = NULL;
+    /*  L0 drops the keys now in the run; it only shrinks: no error. */
+    return l0_sync (&self->view.l0, self->txn, self->frozen_end, l0_end (&self->view.l0),
+                    self->t->key_of, self->t->key_ctx);
 }
 
 typedef struct {
@@ -783,25 +819,22 @@ merge_step (dx_writer *self, unsigned tier, uint64_t budget)
     return retire_inputs (self, in);
 }
 
-/*  Starts what can start: a flush when the active L0 is full (the other
-    one becomes active) or a frozen L0 waits (after a restart); a merge of
+/*  Starts what can start: a flush of every key in L0 once it holds
+    l0_max (keys appended meanwhile wait for the next flush); a merge of
     the oldest MERGE_FANIN visible runs of a tier whose next build is free. */
 static int
 start_builds (dx_writer *self)
 {
     int err = TLY_OK;
-    if (!self->build[0].on) {
-        size_t frozen, active;
-        if ((err = table_entries (self->txn, self->t->l0[!self->active], &frozen))
-        ||  (err = table_entries (self->txn, self->t->l0[self->active], &active)))
+    const dx_l0 *l0 = &self->view.l0;
+    if (!self->build[0].on && l0->n >= self->t->l0_max) {
+        if ((err = build_start (self, 0, l0->n, NULL)))
             return err;
-        if (!frozen && active >= self->t->l0_max) {
-            self->active = !self->active;
-            changed (self);
-            frozen = active;
+        if (self->build[0].on) {
+            self->frozen_end = l0_end (l0);
+            if ((err = l0_sorted (l0, l0->n, &self->frozen)))
+                return err;
         }
-        if (frozen && (err = build_start (self, 0, frozen, NULL)))
-            return err;
     }
     for (unsigned tier = 1; tier < DX_TIERS && !err; tier++) {
         if (self->build[tier].on)
@@ -853,15 +886,12 @@ static int
 maintain (dx_writer *self, uint64_t budget, bool *worked)
 {
     uint64_t work = self->work;
-    uint32_t active = self->active;
     int err = drop_dead (self, budget);
     if (!err)
         err = start_builds (self);
     for (unsigned j = 0; j < DX_TIERS && !err; j++)
         if (self->build[j].on)
             err = j == 0 ? flush_step (self, budget) : merge_step (self, j, budget);
-    if (!err && self->active != active)
-        err = state_store (self);
     if (err) {
         self->dirty = true;         /* the txn must not commit; forget at end */
         return err;

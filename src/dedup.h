@@ -2,18 +2,21 @@
     only user; store.h documents the layout and the guarantees).
 
     An LSM tree inside the ledger's LMDB environment:
-      - two L0 tables, "dedup" and "dedup.1": appends go into the active
-        one; when it holds l0_max keys the other becomes active and the full
-        one is "frozen" until a build has copied it into a sorted run;
+      - L0, in memory only (src/l0.h): the keys of the newest entries,
+        [covered, size).  They are derived from the entries themselves, so
+        a writer or reader rebuilds L0 from the log's tail and nothing of
+        it is written (no random page writes per commit);
       - sorted runs, each in a table of its own from a pool of DX_SLOTS
         ("run.0" .. "run.255"), keyed dedup; a run becomes visible when its
         Bloom filter (which names its tier and table) is stored in "blooms",
         and invisible when that record is deleted;
-      - builds (a flush of the frozen L0 into tier 0, or a merge of 8 runs
-        of tier t into tier t + 1) advance a bounded slice per commit,
-        invisible until the commit that finishes them; the runs they
-        replace become "dead", and a later commit empties each one's table
-        with one mdb_drop (which frees its pages without touching them).
+      - builds (a flush of L0's oldest l0_max or more keys into tier 0, or a
+        merge of 8 runs of tier t into tier t + 1) advance a bounded slice
+        per commit, invisible until the commit that finishes them; a flush's
+        last commit also moves `covered` (meta "dedup.state") past the keys
+        it wrote; the runs a merge replaces become "dead", and a later
+        commit empties each one's table with one mdb_drop (which frees its
+        pages without touching them).
     So a commit's index work is proportional to the events it appends,
     never to the size of the index.
 
@@ -24,6 +27,7 @@
 
 #include <lmdb.h>
 #include "tally/store.h"
+#include "l0.h"
 
 #define DX_TIERS 10                 /* tiers of runs; tier 9 runs never merge */
 /*  Run tables.  Each tier holds at most 16 visible runs (8 waiting for a
@@ -34,13 +38,14 @@
     the pool ever full, builds would wait and the index only grow slower. */
 #define DX_SLOTS 256
 
-/*  The tables, opened once by the store. */
+/*  The tables, opened once by the store, and how to read an entry's key. */
 typedef struct {
-    MDB_dbi l0[2];
     MDB_dbi slot[DX_SLOTS];
     MDB_dbi blooms;
     MDB_dbi meta;
     size_t l0_max;
+    dx_key_fn *key_of;              /* the dedup key of a stored entry */
+    void *key_ctx;
 } dx_tables;
 
 /*  One visible run as seen by one snapshot.  bits point into the LMDB map
@@ -56,10 +61,14 @@ typedef struct {
     const uint8_t *bits;
 } dx_run;
 
-/*  The visible runs of one snapshot, ascending id. */
+/*  What one snapshot sees: the visible runs, ascending id, which cover
+    the entries [0, covered), and L0 for [covered, size).  L0 is kept
+    from one snapshot to the next (only new entries are read into it). */
 typedef struct {
     dx_run *runs;
     size_t n, cap;
+    uint64_t covered;
+    dx_l0 l0;
     uint64_t probes;                /* run reads by lookups (statistics) */
 } dx_view;
 
@@ -67,10 +76,17 @@ typedef struct dx_writer dx_writer;
 
 /*  Opens (creating) every table of the index in txn. */
 int dx_open (MDB_txn *txn, dx_tables *t);
+/*  In a ledger of format 5 with `size` entries, inside its write txn:
+    turns its index into this format (L0 leaves the disk). */
+int dx_migrate_5 (const dx_tables *t, MDB_txn *txn, uint64_t size);
 
+/*  The runs and `covered` of the snapshot txn (L0 is left as it was). */
 int dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view);
+/*  After dx_view_load: brings L0 to the entries [covered, size) of txn,
+    reading the ones it does not hold yet. */
+int dx_view_sync (const dx_tables *t, MDB_txn *txn, dx_view *view, uint64_t size);
 void dx_view_free (dx_view *view);
-/*  TLY_OK with *seq, or TLY_ENOTFOUND. */
+/*  In a view loaded and synced: TLY_OK with *seq, or TLY_ENOTFOUND. */
 int dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
                const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq);
 /*  tly_reader_dedup_scan (store.h). */
@@ -82,11 +98,13 @@ int dx_scan (const dx_tables *t, MDB_txn *txn, const dx_view *view, const uint8_
 
 int dx_writer_new (const dx_tables *t, dx_writer **out);
 void dx_writer_destroy (dx_writer **self_p);
-/*  A write txn began: loads the visible runs (and, the first time or after
-    a failed txn, the maintenance state). */
-int dx_writer_begin (dx_writer *self, MDB_txn *txn);
+/*  A write txn began on a log of `size` entries: loads the visible runs
+    (and, the first time or after a failed txn, the maintenance state, and
+    L0 from the log's tail). */
+int dx_writer_begin (dx_writer *self, MDB_txn *txn, uint64_t size);
 int dx_writer_lookup (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq);
-/*  Puts key -> seq into the active L0: TLY_EEXIST if it is there already
+/*  Puts key into L0 as the key of entry seq, which must be the entry
+    appended next (TLY_EINVAL otherwise): TLY_EEXIST if L0 has it already
     (the caller has asked dx_writer_lookup about the rest of the index). */
 int dx_writer_insert (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t seq);
 /*  Before the commit of a txn that appended `appended` events: a slice of
@@ -100,5 +118,7 @@ int dx_writer_finish (dx_writer *self);
 void dx_writer_end (dx_writer *self, bool committed);
 /*  Builds in progress and dead runs awaiting deletion (tests, status). */
 void dx_writer_backlog (dx_writer *self, size_t *builds, size_t *dead);
+/*  Keys in L0 (tests, status). */
+size_t dx_writer_l0_keys (dx_writer *self);
 
 #endif

@@ -262,7 +262,9 @@ scan_one (void *arg, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq)
     return TLY_OK;
 }
 
-/*  Scans the whole index in slices; returns the scan's status. */
+/*  Scans the whole index in slices; returns the scan's status.  Every
+    entry whose key is in a run (not in L0, which is not stored) is
+    visited, once; *visits is how many there are. */
 static int
 scan_all (tly_store *s, tly_reader *r, uint64_t n, size_t slice, uint64_t *visits)
 {
@@ -270,15 +272,21 @@ scan_all (tly_store *s, tly_reader *r, uint64_t n, size_t slice, uint64_t *visit
     uint8_t pos[TLY_DEDUP_POS_LEN];
     bool started = false, done = false;
     int rc = TLY_OK;
+    size_t runs;
+    uint64_t in_runs, probes;
     assert_int_equal (tly_reader_begin (r), TLY_OK);
+    tly_reader_dedup_stats (r, &runs, &in_runs, &probes);
+    assert_true (in_runs <= n);
     while (!done && !rc) {
         rc = tly_reader_dedup_scan (r, started ? pos : NULL, slice, scan_one, &c, pos, &done);
         started = true;
     }
     tly_reader_end (r);
-    if (!rc)
+    if (!rc) {
         for (uint64_t i = 0; i < n; i++)
-            assert_int_equal (c.seen[i], 1);
+            assert_int_equal (c.seen[i], i < in_runs);
+        assert_int_equal (c.visits, in_runs);
+    }
     *visits = c.visits;
     free (c.seen);
     return rc;
@@ -288,9 +296,9 @@ static size_t
 live_runs (tly_reader *r)
 {
     size_t runs;
-    uint64_t probes;
+    uint64_t in_runs, probes;
     assert_int_equal (tly_reader_begin (r), TLY_OK);
-    tly_reader_dedup_stats (r, &runs, &probes);
+    tly_reader_dedup_stats (r, &runs, &in_runs, &probes);
     tly_reader_end (r);
     return runs;
 }
@@ -385,18 +393,18 @@ test_dedup_lsm (void **state)
         assert_int_equal (tly_reader_lookup (r, d, &seq), TLY_ENOTFOUND);
     }
     size_t runs;
-    uint64_t probes;
-    tly_reader_dedup_stats (r, &runs, &probes);
+    uint64_t in_runs, probes;
+    tly_reader_dedup_stats (r, &runs, &in_runs, &probes);
     double fp = (double) probes / ((double) absent * (double) runs);
     print_message ("dedup LSM: %zu runs (max %zu), false-positive rate per run %.4f\n",
                    runs, max_runs, fp);
     assert_true (fp < 0.02);
     tly_reader_end (r);
 
-    /*  The scrubber's scan visits every record exactly once. */
+    /*  The scrubber's scan visits every stored record exactly once. */
     uint64_t visits;
     assert_int_equal (scan_all (s, r, (uint64_t) n, 777, &visits), TLY_OK);
-    assert_int_equal (visits, (uint64_t) n);
+    assert_true (visits > 0 && visits <= (uint64_t) n);
     assert_int_equal (scan_all (s, r, (uint64_t) n, 1, &visits), TLY_OK);
 
     /*  Abort after a flush (and whatever merge it triggers): nothing
@@ -426,7 +434,7 @@ test_dedup_lsm (void **state)
     }
     tly_reader_end (r);
     assert_int_equal (scan_all (s, r, (uint64_t) n, 5000, &visits), TLY_OK);
-    assert_int_equal (visits, (uint64_t) n);
+    assert_true (visits > 0 && visits <= (uint64_t) n);
     check_all_found (s, w, r, n);
 
     /*  Reopen: everything is found, and appends (and merges) go on. */
@@ -447,7 +455,7 @@ test_dedup_lsm (void **state)
     }
     check_all_found (s, w, r, n);
     assert_int_equal (scan_all (s, r, (uint64_t) n, 4096, &visits), TLY_OK);
-    assert_int_equal (visits, (uint64_t) n);
+    assert_true (visits > 0 && visits <= (uint64_t) n);
     tly_reader_destroy (&r);
     tly_writer_destroy (&w);
     tly_store_close (&s);
@@ -522,7 +530,7 @@ test_dedup_abort_merge (void **state)
     check_all_found (s, w, r, n);
     uint64_t visits;
     assert_int_equal (scan_all (s, r, (uint64_t) n, 10, &visits), TLY_OK);
-    assert_int_equal (visits, (uint64_t) n);
+    assert_true (visits > 0 && visits <= (uint64_t) n);
 
     /*  The same work committed: the merge of the 8 runs takes a slice of
         each later commit; at every commit every key is found in exactly
@@ -540,7 +548,7 @@ test_dedup_abort_merge (void **state)
         assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
         check_all_found (s, w, r, n);
         assert_int_equal (scan_all (s, r, (uint64_t) n, 10, &visits), TLY_OK);
-        assert_int_equal (visits, (uint64_t) n);
+        assert_true (visits > 0 && visits <= (uint64_t) n);
         tly_writer_dedup_backlog (w, &builds, &dead);
         saw_build |= builds > 0;
         if (!builds && !dead)
@@ -585,7 +593,7 @@ test_dedup_restart_mid_merge (void **state)
     check_all_found (s, w, r, n);
     uint64_t visits;
     assert_int_equal (scan_all (s, r, (uint64_t) n, 7, &visits), TLY_OK);
-    assert_int_equal (visits, (uint64_t) n);
+    assert_true (visits > 0 && visits <= (uint64_t) n);
     /*  The begin in check_all_found loaded the state: the half-built run
         is dead now, and nothing is being built. */
     tly_writer_dedup_backlog (w, &builds, &dead);
@@ -604,10 +612,95 @@ test_dedup_restart_mid_merge (void **state)
     assert_int_equal (dead, 0);
     check_all_found (s, w, r, n);
     assert_int_equal (scan_all (s, r, (uint64_t) n, 100, &visits), TLY_OK);
-    assert_int_equal (visits, (uint64_t) n);
+    assert_true (visits > 0 && visits <= (uint64_t) n);
     tly_reader_destroy (&r);
     tly_writer_destroy (&w);
     tly_store_close (&s);
+}
+
+/*  A format-5 ledger kept L0 in two tables, "dedup" and "dedup.1", and
+    "dedup.state" said which took inserts.  Such a ledger, made here by
+    hand from a format-6 one (its L0 keys split across both tables, as
+    after a switch), opens: it becomes format 6, the two tables are gone,
+    every key is found where it was, and appends and merges go on. */
+static void
+test_migrate_format_5 (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    tly_writer *w;
+    tly_reader *r;
+    const char *why = NULL;
+    open_lsm (f, 64, &s, &w, &r);
+    int n = 0;
+    for (int c = 0; c < 31; c++) {   /* 4 commits a flush: 60 keys stay in L0 */
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        for (int i = 0; i < 20; i++, n++)
+            assert_int_equal (append_key (w, s, n), TLY_OK);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+    }
+    size_t runs;
+    uint64_t in_runs, probes;
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    tly_reader_dedup_stats (r, &runs, &in_runs, &probes);
+    tly_reader_end (r);
+    assert_true (runs > 0 && in_runs > 0 && in_runs + 10 < (uint64_t) n);
+    uint8_t (*keys)[TLY_DEDUP_LEN] = calloc ((size_t) n, TLY_DEDUP_LEN);
+    for (int i = 0; i < n; i++)
+        dedup_of (s, 'k', i, keys[i]);
+    close_lsm (&s, &w, &r);
+
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi meta, l0[2];
+    raw_ledger_begin (f, 1 << 26, &env, &txn);
+    assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
+    assert_int_equal (mdb_dbi_open (txn, "dedup", MDB_CREATE, &l0[0]), 0);
+    assert_int_equal (mdb_dbi_open (txn, "dedup.1", MDB_CREATE, &l0[1]), 0);
+    uint64_t half = in_runs + ((uint64_t) n - in_runs) / 2;
+    for (uint64_t seq = in_runs; seq < (uint64_t) n; seq++) {
+        MDB_val k = { TLY_DEDUP_LEN, keys[seq] }, v = { 8, &seq };
+        assert_int_equal (mdb_put (txn, l0[seq >= half], &k, &v, 0), 0);
+    }
+    uint32_t old_state[2] = { 2, 1 };
+    MDB_val sk = { 11, "dedup.state" }, sv = { sizeof old_state, old_state };
+    MDB_val fk = { 6, "format" }, fv = { 1, "5" };
+    assert_int_equal (mdb_put (txn, meta, &sk, &sv, 0), 0);
+    assert_int_equal (mdb_put (txn, meta, &fk, &fv, 0), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+    free (keys);
+
+    open_lsm (f, 64, &s, &w, &r);
+    check_all_found (s, w, r, n);
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    uint64_t now_in_runs;
+    tly_reader_dedup_stats (r, &runs, &now_in_runs, &probes);
+    tly_reader_end (r);
+    assert_int_equal (now_in_runs, in_runs);
+    for (int c = 0; c < 20; c++) {
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        for (int i = 0; i < 23; i++, n++)
+            assert_int_equal (append_key (w, s, n), TLY_OK);
+        assert_int_equal (append_key (w, s, (int) in_runs + 3), TLY_EEXIST);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+    }
+    check_all_found (s, w, r, n);
+    uint64_t visits;
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 50, &visits), TLY_OK);
+    assert_true (visits > in_runs);
+    close_lsm (&s, &w, &r);
+
+    raw_ledger_begin (f, 1 << 26, &env, &txn);
+    MDB_dbi gone;
+    assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
+    assert_int_equal (mdb_get (txn, meta, &fk, &fv), 0);
+    assert_int_equal (fv.mv_size, 1);
+    assert_memory_equal (fv.mv_data, "6", 1);
+    assert_int_equal (mdb_dbi_open (txn, "dedup", 0, &gone), MDB_NOTFOUND);
+    assert_int_equal (mdb_dbi_open (txn, "dedup.1", 0, &gone), MDB_NOTFOUND);
+    mdb_txn_abort (txn);
+    mdb_env_close (env);
 }
 
 /*  A format-1 ledger (single-table dedup index) is refused, clearly. */
@@ -643,6 +736,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_dedup_lsm, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_abort_merge, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_restart_mid_merge, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_migrate_format_5, setup, teardown),
         cmocka_unit_test_setup_teardown (test_refuse_format_1, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);

@@ -8,32 +8,34 @@
                completed, m = ((index + 1) << level) - 1: appends only).
                Levels >= 1 only: a leaf hash is SHA-256 of bytes already
                stored, so tly_reader_node (0, seq) computes it from the entry.
-      dedup, dedup.1  16-byte keyed BLAKE2b of (customer, key) -> seq (u64):
-               the two "L0" tables, the most recent keys only (see below)
-      run.0 .. run.255  dedup (16 B) -> seq (u64): one sorted run each (or
+      run.0 .. run.255  dedup (16-byte keyed BLAKE2b of (customer, key))
+               -> seq (u64): one sorted run each (or
                empty, or a run being built or dead)
       blooms   run id (u32 big-endian) -> count (u32) || nblocks (u32) ||
                tier (u32) || table (u32: the N of run.N) || nblocks * 64 B
                of blocked Bloom filter (host byte order): one record per
                visible run
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
-      meta     "format" -> "5", "dedup_key" -> 32 random bytes,
-               "dedup.state" -> which L0 takes inserts (src/dedup.c)
+      meta     "format" -> "6", "dedup_key" -> 32 random bytes,
+               "dedup.state" -> version 3 (u32), 0 (u32), covered (u64):
+               the runs hold the keys of the entries [0, covered)
 
     The deduplication index is a small LSM tree, so that what a commit
     writes stays proportional to the commit, and sequential, at any index
     size (a single table keyed by random hashes dirties nearly every one of
     its pages per commit once it is large), and so that no commit does work
     proportional to the index (src/dedup.h):
-      - appends put their key into the active L0 (random writes, but L0
-        stays small);
-      - when the active L0 holds >= l0_max keys (16384; env TALLY_L0_MAX
-        or tly_store_set_l0_max), the other L0 becomes active and the full
-        one is copied in key order, a slice per commit, into a new run of
-        tier 0 with MDB_APPEND; its Bloom filter (12 bits per key; one
-        64-byte block picked by range from dedup bytes 0..3, 7 bits in it
-        from bytes 8..15: ~0.5% false positives) is stored, and the frozen L0
-        emptied, by the commit that copies the last key;
+      - appends put their key into L0, which is in memory only: the keys
+        of the entries [covered, size) are a function of those entries, so
+        the writer (and each reader that looks keys up) derives L0 from the
+        log's tail when it starts, and adds each new entry's key after;
+      - when L0 holds >= l0_max keys (16384; env TALLY_L0_MAX or
+        tly_store_set_l0_max), all of them are sorted and copied, a slice
+        per commit, into a new run of tier 0 with MDB_APPEND; its Bloom
+        filter (12 bits per key; one 64-byte block picked by range from
+        dedup bytes 0..3, 7 bits in it from bytes 8..15: ~0.5% false
+        positives) is stored, and `covered` moved past those entries, by
+        the commit that copies the last key;
       - when 8 runs of tier t are visible, they are merged the same way,
         a slice per commit, into a run of tier t + 1; the commit that ends
         the merge makes the new run visible and the 8 old ones invisible
@@ -43,12 +45,14 @@
     Each slice moves about 2 records per event the commit appends, per job,
     which keeps every job ahead of the appends.  A run is built in a table
     of its own, in key order, so each table only receives appends.
-    A key is visible in exactly one place (an L0 or one visible run); a
-    lookup asks the L0s, then each visible run newest first whose filter
-    says "maybe".  All of it happens in the writer's txns, so a crash or an
+    A key is visible in exactly one place (L0 or one visible run); a
+    lookup asks L0, then each visible run newest first whose filter says
+    "maybe".  All of it happens in the writer's txns, so a crash or an
     abort leaves a consistent layout; a run half built at a crash is
-    emptied and its build starts again.  Data dirs of formats 1 to 4 are
-    refused by tly_store_open.
+    emptied and its build starts again.  tly_store_open moves a format-5
+    ledger (L0 in two tables, "dedup" and "dedup.1") to format 6 in one
+    txn: it records covered and drops those tables, nothing else changes.
+    Data dirs of formats 1 to 4 are refused.
 
     Every appended entry, its nodes, its dedup record and the commit's signed
     head land in one LMDB transaction, fsync'd before the commit returns:
@@ -56,7 +60,8 @@
     byte is covered by a hash the scrubber can check: leaves by their
     level-1 parents (the last, odd one by the signed root), nodes by their
     children, the root by the signed head, visible dedup records by
-    re-hashing the entry they name; each visible run's Bloom filter must
+    re-hashing the entry they name (L0 is not stored: it is re-derived
+    from the entries); each visible run's Bloom filter must
     say "maybe" for every key of its run (a flipped bit there would hide a
     key from lookups).  Records of runs being built or deleted are not
     visible, so not checked; a finished build is checked by the next pass.
@@ -73,9 +78,9 @@
 #include "sth.h"
 
 #define TLY_DEDUP_LEN 16
-/*  A position in tly_reader_dedup_scan: table (u8: 0, 1 the L0s, 2 the
-    runs) || run id (u32 BE) || dedup; opaque to callers. */
-#define TLY_DEDUP_POS_LEN (1 + 4 + TLY_DEDUP_LEN)
+/*  A position in tly_reader_dedup_scan: run id (u32 BE) || dedup; opaque
+    to callers. */
+#define TLY_DEDUP_POS_LEN (4 + TLY_DEDUP_LEN)
 
 typedef struct tly_store tly_store;
 typedef struct tly_reader tly_reader;
@@ -109,10 +114,12 @@ uint64_t tly_reader_size (tly_reader *self);
 /*  Leaf bytes of seq; valid until end. TLY_ENOTFOUND past the end. */
 int tly_reader_leaf (tly_reader *self, uint64_t seq, const uint8_t **leaf, size_t *len);
 int tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq);
-/*  Live runs of the dedup index in the snapshot, and how many run reads
+/*  Live runs of the dedup index in the snapshot, the entries whose keys
+    they hold ([0, in_runs); the rest are in L0), and how many run reads
     (Bloom filter said "maybe") lookups made since begin: for tests and
     status. */
-void tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *probes);
+void tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *in_runs,
+                             uint64_t *probes);
 /*  A tly_node_fn: ctx is the reader. */
 int tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32]);
 /*  Signed head stored for exactly tree_size (TLY_ENOTFOUND if no commit
@@ -122,14 +129,13 @@ int tly_reader_sth (tly_reader *self, uint64_t tree_size, tly_sth *out);
 /*  Walks stored records for the scrubber.  Each calls fn for records with
     keys in [from, from + count) in order and stops at the first non-zero. */
 typedef int (tly_dedup_fn) (void *ctx, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq);
-/*  Dedup records (L0, then every run in id order) after the position
+/*  Dedup records (every visible run in id order) after the position
     `after` (TLY_DEDUP_POS_LEN bytes; NULL: from the start), at most
     `count`; *last gets the position of the last record seen, *done is set
     after the last record.  Positions stay meaningful across snapshots: a
     flush or merge between calls moves records into a run whose id is above
     every position, so a pass misses none of the records it started with
-    (some may be visited twice; keys appended behind an L0 position wait
-    for the next pass, as before).  TLY_ECORRUPT if a record is malformed or its run's
+    (some may be visited twice).  L0 is not stored, so not scanned.  TLY_ECORRUPT if a record is malformed or its run's
     Bloom filter is missing, malformed or denies the record's key. */
 int tly_reader_dedup_scan (tly_reader *self, const uint8_t *after, size_t count,
                            tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN],
@@ -152,7 +158,9 @@ int tly_writer_lookup (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN], uin
 int tly_writer_leaf (tly_writer *self, uint64_t seq, const uint8_t **leaf, size_t *len);
 int tly_writer_node (tly_writer *self, unsigned level, uint64_t index, uint8_t out[32]);
 /*  Appends leaf bytes encoded for seq == tly_writer_next_seq(), with its
-    dedup record; writes the leaf hash and the nodes it completes.
+    dedup record; writes the leaf hash and the nodes it completes.  dedup
+    must be tly_store_dedup_hash of the leaf's customer and key: L0 of the
+    index is re-derived from the leaves after a restart.
     TLY_EEXIST if dedup is already in the index (L0 or any run). */
 int tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
                        const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32]);

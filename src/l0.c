@@ -1,0 +1,171 @@
+/*  l0.c -- L0 of the idempotency index, in memory (see l0.h). */
+#include <stdlib.h>
+#include <string.h>
+#include "l0.h"
+
+void
+l0_free (dx_l0 *self)
+{
+    free (self->keys);
+    free (self->slots);
+    memset (self, 0, sizeof *self);
+}
+
+uint64_t
+l0_end (const dx_l0 *self)
+{
+    return self->from + self->n;
+}
+
+/*  Keys are keyed hashes (or, in tests, random): their first bytes are
+    already uniform. */
+static size_t
+slot_of (const uint8_t key[TLY_DEDUP_LEN], size_t nslots)
+{
+    uint64_t h;
+    memcpy (&h, key, 8);
+    return (size_t) h & (nslots - 1);
+}
+
+static void
+index_key (dx_l0 *self, size_t i)
+{
+    size_t s = slot_of (self->keys[i], self->nslots);
+    while (self->slots[s])
+        s = (s + 1) & (self->nslots - 1);
+    self->slots[s] = (uint32_t) i + 1;
+}
+
+/*  Rebuilds the table for keys[0 .. n), with room for at least `need`. */
+static int
+reindex (dx_l0 *self, size_t need)
+{
+    size_t nslots = self->nslots ? self->nslots : 1024;
+    while (nslots < 2 * need + 2)
+        nslots *= 2;
+    if (nslots != self->nslots) {
+        uint32_t *slots = malloc (nslots * sizeof *slots);
+        if (!slots)
+            return TLY_ENOMEM;
+        free (self->slots);
+        self->slots = slots;
+        self->nslots = nslots;
+    }
+    memset (self->slots, 0, self->nslots * sizeof *self->slots);
+    for (size_t i = 0; i < self->n; i++)
+        index_key (self, i);
+    return TLY_OK;
+}
+
+int
+l0_find (const dx_l0 *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq)
+{
+    if (!self->nslots)
+        return TLY_ENOTFOUND;
+    for (size_t s = slot_of (key, self->nslots); self->slots[s];
+         s = (s + 1) & (self->nslots - 1)) {
+        uint32_t i = self->slots[s] - 1;
+        if (memcmp (self->keys[i], key, TLY_DEDUP_LEN) == 0) {
+            *seq = self->from + i;
+            return TLY_OK;
+        }
+    }
+    return TLY_ENOTFOUND;
+}
+
+int
+l0_push (dx_l0 *self, const uint8_t key[TLY_DEDUP_LEN])
+{
+    if (self->n >= UINT32_MAX - 1)
+        return TLY_ETOOLARGE;
+    if (self->n == self->cap) {
+        size_t cap = self->cap ? self->cap * 2 : 1024;
+        void *keys = realloc (self->keys, cap * sizeof *self->keys);
+        if (!keys)
+            return TLY_ENOMEM;
+        self->keys = keys;
+        self->cap = cap;
+    }
+    if (2 * (self->n + 1) + 2 > self->nslots && reindex (self, self->n + 1))
+        return TLY_ENOMEM;
+    memcpy (self->keys[self->n], key, TLY_DEDUP_LEN);
+    index_key (self, self->n++);
+    return TLY_OK;
+}
+
+int
+l0_sync (dx_l0 *self, MDB_txn *txn, uint64_t from, uint64_t end,
+         dx_key_fn *key_of, void *ctx)
+{
+    if (from > end)
+        return TLY_ECORRUPT;
+    bool changed = false;
+    if (from < self->from || from > l0_end (self)) {
+        self->from = from;          /* nothing held is of use */
+        self->n = 0;
+        changed = true;
+    }
+    if (from > self->from) {        /* a flush moved keys into a run */
+        size_t drop = (size_t) (from - self->from);
+        memmove (self->keys, self->keys + drop, (self->n - drop) * sizeof *self->keys);
+        self->n -= drop;
+        self->from = from;
+        changed = true;
+    }
+    if (end < l0_end (self)) {      /* a txn that appended them aborted */
+        self->n = (size_t) (end - from);
+        changed = true;
+    }
+    int err = changed ? reindex (self, self->n) : TLY_OK;
+    uint8_t key[TLY_DEDUP_LEN];
+    for (uint64_t seq = l0_end (self); seq < end && !err; seq++)
+        if (!(err = key_of (ctx, txn, seq, key)))
+            err = l0_push (self, key);
+    if (err) {
+        self->n = 0;
+        if (self->nslots)
+            memset (self->slots, 0, self->nslots * sizeof *self->slots);
+    }
+    return err;
+}
+
+/*  LSD radix sort on the first 8 bytes (byte 0 the most significant),
+    then insertion sort where those tie (never, in practice). */
+int
+l0_sorted (const dx_l0 *self, size_t count, dx_rec **out)
+{
+    if (count > self->n)
+        count = self->n;
+    dx_rec *a = malloc ((count ? count : 1) * sizeof *a);
+    dx_rec *b = malloc ((count ? count : 1) * sizeof *b);
+    if (!a || !b) {
+        free (a);
+        free (b);
+        return TLY_ENOMEM;
+    }
+    for (size_t i = 0; i < count; i++) {
+        memcpy (a[i].key, self->keys[i], TLY_DEDUP_LEN);
+        a[i].seq = self->from + i;
+    }
+    for (int byte = 7; byte >= 0; byte--) {
+        size_t at[257] = { 0 };
+        for (size_t i = 0; i < count; i++)
+            at[a[i].key[byte] + 1]++;
+        for (int d = 0; d < 256; d++)
+            at[d + 1] += at[d];
+        for (size_t i = 0; i < count; i++)
+            b[at[a[i].key[byte]]++] = a[i];
+        dx_rec *t = a;
+        a = b;
+        b = t;
+    }
+    free (b);
+    for (size_t i = 1; i < count; i++)
+        for (size_t j = i; j > 0 && memcmp (a[j - 1].key, a[j].key, TLY_DEDUP_LEN) > 0; j--) {
+            dx_rec t = a[j];
+            a[j] = a[j - 1];
+            a[j - 1] = t;
+        }
+    *out = a;
+    return TLY_OK;
+}
