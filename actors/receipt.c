@@ -468,6 +468,14 @@ group_run (receipt_t *self)
         if (rc == TLY_EUNAVAIL || rc == TLY_ETIMEOUT)
             fail_group (self, "unavailable", "the quota actor did not answer; "
                                              "retry with the same idempotency keys");
+        else
+        if (rc == TLY_ECORRUPT) {
+            tly_error (WHO, "the ledger is corrupt (%s%s%s): nothing was written, and no "
+                            "write can succeed until it is repaired. Run `tally ctl verify`, "
+                            "keep a copy of the data dir and restore from a backup",
+                       tly_strerror (rc), why[0] ? "; " : "", why);
+            fail_group (self, "internal", "the ledger could not commit; nothing was recorded");
+        }
         else {
             tly_error (WHO, "commit of %zu events failed: %s (%s); nothing was written. "
                             "Check disk space and the data dir (map full: raise map_size_gb)",

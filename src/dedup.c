@@ -200,12 +200,14 @@ covered_store (const dx_tables *t, MDB_txn *txn, uint64_t covered)
 
 /*  Format 5 kept L0 on disk in "dedup" and "dedup.1", which held exactly
     the keys of the entries [covered, size): the smallest seq in them is
-    covered (size when both are empty).  Record it and delete them. */
+    covered (size when both are empty).  Record it and delete them.
+    TLY_ECORRUPT unless the tables hold one record per entry of
+    [covered, size) and the runs the rest. */
 int
 dx_migrate_5 (const dx_tables *t, MDB_txn *txn, uint64_t size)
 {
     static const char *names[2] = { "dedup", "dedup.1" };
-    uint64_t covered = size;
+    uint64_t covered = size, records = 0;
     for (int i = 0; i < 2; i++) {
         MDB_dbi dbi;
         MDB_cursor *cur;
@@ -219,15 +221,25 @@ dx_migrate_5 (const dx_tables *t, MDB_txn *txn, uint64_t size)
         uint64_t seq;
         for (rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST); rc == 0 && !err;
              rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT))
-            if (!(err = seq_from_val (&v, &seq)) && seq < covered)
-                covered = seq;
+            if (!(err = seq_from_val (&v, &seq))) {
+                covered = seq < covered ? seq : covered;
+                records++;
+                err = seq < size ? TLY_OK : TLY_ECORRUPT;
+            }
         mdb_cursor_close (cur);
         if (err)
             return err;
         if (rc != MDB_NOTFOUND || mdb_drop (txn, dbi, 1))
             return TLY_EIO;
     }
-    return covered_store (t, txn, covered);
+    if (records != size - covered)
+        return TLY_ECORRUPT;
+    dx_view view = { 0 };
+    int err = covered_store (t, txn, covered);
+    if (!err)
+        err = dx_view_load (t, txn, &view);     /* the runs hold [0, covered) */
+    dx_view_free (&view);
+    return err;
 }
 
 /* ---- views: the visible runs ---- */
@@ -309,6 +321,14 @@ dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view)
     if (!err && rc != MDB_NOTFOUND)
         err = TLY_EIO;
     mdb_cursor_close (cur);
+    /*  Every flush adds its run's count to covered and every merge keeps
+        the sum: a covered that disagrees (a flipped bit in meta) would
+        drop keys from the index or put them in two places. */
+    uint64_t sum = 0;
+    for (size_t i = 0; i < view->n && !err; i++)
+        sum += view->runs[i].count;
+    if (!err && sum != view->covered)
+        err = TLY_ECORRUPT;
     return err;
 }
 

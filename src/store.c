@@ -45,6 +45,7 @@ struct tly_writer {
     tly_frontier committed;         /* as of the last commit, for abort */
     tly_sth sth;                    /* the latest committed head        */
     dx_writer *dx;                  /* the idempotency index's writer   */
+    bool broken;                    /* an append failed half way: no commit */
 };
 
 /*  Nodes are keyed by the order in which appends complete them (post-order):
@@ -175,7 +176,11 @@ open_dbis (tly_store *self, const char **why)
         int err = migrate_5 (self, txn);
         if (err) {
             mdb_txn_abort (txn);
-            *why = "moving the ledger from format 5 to " FORMAT " failed (nothing was "
+            *why = err == TLY_ECORRUPT
+                 ? "moving the ledger from format 5 to " FORMAT " failed (nothing was "
+                   "changed): its idempotency index does not match its entries; run "
+                   "`tally ctl verify` with the previous tallyd and restore from a backup"
+                 : "moving the ledger from format 5 to " FORMAT " failed (nothing was "
                    "changed): check the disk (map full: raise map_size_gb)";
             return err;
         }
@@ -624,6 +629,7 @@ tly_writer_begin (tly_writer *self)
 {
     if (self->txn)
         tly_writer_abort (self);
+    self->broken = false;
     if (mdb_txn_begin (self->store->env, NULL, 0, &self->txn))
         return TLY_EIO;
     int err = dx_writer_begin (self->dx, self->txn, self->frontier.size);
@@ -673,8 +679,8 @@ writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
                const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32], bool checked)
 {
     /*  The index first: a key already there is refused before anything
-        else of this entry is written.  MDB_NOOVERWRITE below only sees L0,
-        so the runs are asked first, unless the caller just did. */
+        else of this entry is written.  dx_writer_insert only sees L0, so
+        the runs are asked first, unless the caller just did. */
     uint64_t seq = self->frontier.size, old;
     int err = checked ? TLY_ENOTFOUND
                       : dx_writer_lookup (self->dx, dedup, &old);
@@ -684,12 +690,18 @@ writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
         return err;
     if ((err = dx_writer_insert (self->dx, dedup, seq)))
         return err;
+    /*  From here a failure leaves the key in L0 without its entry, or an
+        entry without its nodes: the txn can only be aborted. */
     MDB_val k = { 8, &seq }, v = { len, (void *) leaf };
     int rc = mdb_put (self->txn, self->store->entries, &k, &v, MDB_APPEND);
-    if (rc)
+    if (rc) {
+        self->broken = true;
         return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
+    }
     tly_merkle_leaf_hash (leaf, len, leaf_hash);
-    return tly_frontier_push (&self->frontier, leaf_hash, emit_node, self);
+    err = tly_frontier_push (&self->frontier, leaf_hash, emit_node, self);
+    self->broken |= err != TLY_OK;
+    return err;
 }
 
 int
@@ -722,6 +734,11 @@ int
 tly_writer_commit (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
                    const char **why)
 {
+    if (self->broken) {
+        *why = "an append in this transaction failed half way; it was rolled back";
+        tly_writer_abort (self);
+        return TLY_EINVAL;
+    }
     /*  The index's maintenance rides in the commit's txn, a slice at a
         time: a crash leaves either the old or the new layout. */
     int err = dx_writer_maintain (self->dx, self->frontier.size - self->committed.size);

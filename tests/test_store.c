@@ -488,6 +488,19 @@ test_dedup_lsm (void **state)
     tly_store_close (&s);
 }
 
+/*  `commits` commits of `per` new keys each, from key *n on. */
+static void
+commit_keys (fixture *f, tly_store *s, tly_writer *w, int *n, int commits, int per)
+{
+    const char *why = NULL;
+    for (int c = 0; c < commits; c++) {
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        for (int i = 0; i < per; i++, (*n)++)
+            assert_int_equal (append_key (w, s, *n), TLY_OK);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+    }
+}
+
 /*  With the smallest L0: 7 runs of tier 0, then a txn that flushes an
     eighth and merges all 8 is aborted: the 7 runs are still there, and
     inside the txn the merged run already answers. */
@@ -501,12 +514,7 @@ test_dedup_abort_merge (void **state)
     const char *why = NULL;
     open_lsm (f, 16, &s, &w, &r);
     int n = 0;
-    for (int c = 0; c < 7; c++) {
-        assert_int_equal (tly_writer_begin (w), TLY_OK);
-        for (int i = 0; i < 16; i++, n++)
-            assert_int_equal (append_key (w, s, n), TLY_OK);
-        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
-    }
+    commit_keys (f, s, w, &n, 7, 16);
     assert_int_equal (live_runs (r), 7);
     check_all_found (s, w, r, n);
 
@@ -633,12 +641,7 @@ test_migrate_format_5 (void **state)
     const char *why = NULL;
     open_lsm (f, 64, &s, &w, &r);
     int n = 0;
-    for (int c = 0; c < 31; c++) {   /* 4 commits a flush: 60 keys stay in L0 */
-        assert_int_equal (tly_writer_begin (w), TLY_OK);
-        for (int i = 0; i < 20; i++, n++)
-            assert_int_equal (append_key (w, s, n), TLY_OK);
-        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
-    }
+    commit_keys (f, s, w, &n, 31, 20);      /* 4 commits a flush: 60 keys stay in L0 */
     size_t runs;
     uint64_t in_runs, probes;
     assert_int_equal (tly_reader_begin (r), TLY_OK);
@@ -703,6 +706,54 @@ test_migrate_format_5 (void **state)
     mdb_env_close (env);
 }
 
+/*  meta "dedup.state" says which entries the runs hold; a flipped bit
+    there would take keys out of the index (duplicates accepted) or put
+    them in two places.  It must agree with the runs' counts: readers (so
+    the scrubber's scan) and the writer refuse it. */
+static void
+test_covered_checked (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    tly_writer *w;
+    tly_reader *r;
+    open_lsm (f, 64, &s, &w, &r);
+    int n = 0;
+    commit_keys (f, s, w, &n, 10, 30);
+    uint64_t visits;
+    assert_int_equal (scan_all (s, r, (uint64_t) n, 50, &visits), TLY_OK);
+    close_lsm (&s, &w, &r);
+
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi meta;
+    raw_ledger_begin (f, 1 << 26, &env, &txn);
+    assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
+    MDB_val k = { 11, "dedup.state" }, v;
+    assert_int_equal (mdb_get (txn, meta, &k, &v), 0);
+    assert_int_equal (v.mv_size, 16);
+    uint8_t state16[16];
+    memcpy (state16, v.mv_data, 16);
+    state16[8] ^= 0x04;             /* covered +- 4 */
+    v.mv_data = state16;
+    assert_int_equal (mdb_put (txn, meta, &k, &v, 0), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+
+    open_lsm (f, 64, &s, &w, &r);
+    uint8_t pos[TLY_DEDUP_POS_LEN], d[TLY_DEDUP_LEN];
+    bool done = false;
+    uint64_t seq;
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    assert_int_equal (tly_reader_dedup_scan (r, NULL, 100, scan_one, NULL, pos, &done),
+                      TLY_ECORRUPT);
+    dedup_of (s, 'k', 3, d);
+    assert_int_equal (tly_reader_lookup (r, d, &seq), TLY_ECORRUPT);
+    tly_reader_end (r);
+    assert_int_equal (tly_writer_begin (w), TLY_ECORRUPT);
+    close_lsm (&s, &w, &r);
+}
+
 /*  A format-1 ledger (single-table dedup index) is refused, clearly. */
 static void
 test_refuse_format_1 (void **state)
@@ -737,6 +788,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_dedup_abort_merge, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_restart_mid_merge, setup, teardown),
         cmocka_unit_test_setup_teardown (test_migrate_format_5, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_covered_checked, setup, teardown),
         cmocka_unit_test_setup_teardown (test_refuse_format_1, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);

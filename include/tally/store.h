@@ -160,7 +160,9 @@ int tly_writer_node (tly_writer *self, unsigned level, uint64_t index, uint8_t o
 /*  Appends leaf bytes encoded for seq == tly_writer_next_seq(), with its
     dedup record; writes the leaf hash and the nodes it completes.  dedup
     must be tly_store_dedup_hash of the leaf's customer and key: L0 of the
-    index is re-derived from the leaves after a restart.
+    index is re-derived from the leaves after a restart.  After any error
+    but TLY_EEXIST the txn can only be aborted: tly_writer_commit refuses
+    it (TLY_EINVAL) and rolls it back.
     TLY_EEXIST if dedup is already in the index (L0 or any run). */
 int tly_writer_append (tly_writer *self, const uint8_t *leaf, size_t len,
                        const uint8_t dedup[TLY_DEDUP_LEN], uint8_t leaf_hash[32]);
