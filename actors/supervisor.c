@@ -28,6 +28,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
 #include "supervisor.h"
 #include "tally/log.h"
 
@@ -157,10 +160,24 @@ s_ctx_destroy (tly_child_ctx **ctx_p)
     *ctx_p = NULL;
 }
 
+/*  "tly-<child>" in top -H, perf and /proc/<pid>/task/<tid>/comm. */
+static void
+s_name_thread (const char *child)
+{
+#if defined(__linux__)
+    char name[16];
+    snprintf (name, sizeof name, "tly-%s", child);
+    prctl (PR_SET_NAME, name, 0, 0, 0);
+#else
+    (void) child;
+#endif
+}
+
 static void *
 s_child_main (void *arg)
 {
     tly_child_ctx *ctx = arg;
+    s_name_thread (ctx->spec->name);
     int rc = ctx->spec->fn (ctx, ctx->spec->args);
     if (atomic_exchange (&ctx->fate, FATE_RETURNED) == FATE_ORPHANED) {
         s_ctx_destroy (&ctx);

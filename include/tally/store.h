@@ -32,9 +32,10 @@
       - when L0 holds >= l0_max keys (16384; env TALLY_L0_MAX or
         tly_store_set_l0_max), all of them are sorted and copied, a slice
         per commit, into a new run of tier 0 with MDB_APPEND; its Bloom
-        filter (12 bits per key; one 64-byte block picked by range from
-        dedup bytes 0..3, 7 bits in it from bytes 8..15: ~0.5% false
-        positives) is stored, and `covered` moved past those entries, by
+        filter (16 bits per key; 12 in runs built by earlier versions,
+        which its size records; one 64-byte block picked by range from dedup
+        bytes 0..3, 7 bits in it from bytes 8..15: ~0.1% false positives)
+        is stored, and `covered` moved past those entries, by
         the commit that copies the last key;
       - when 8 runs of tier t are visible, they are merged the same way,
         a slice per commit, into a run of tier t + 1; the commit that ends
