@@ -70,7 +70,7 @@ usage (FILE *out)
 "  --version               the version\n"
 "\n"
 "Environment (tuning and diagnosis; leave unset in production):\n"
-"  TALLY_L0_MAX=N          keys in the dedup index's L0 before a flush [16384]\n"
+"  TALLY_L0_MAX=N          keys in the dedup index's L0 before a flush [131072]\n"
 "  TALLY_SHA256=portable   hash with libsodium even where the CPU has SHA-NI\n"
 "\n"
 "Signals: SIGTERM or SIGINT stops taking requests, answers those in flight,\n"

@@ -29,7 +29,7 @@
         of the entries [covered, size) are a function of those entries, so
         the writer (and each reader that looks keys up) derives L0 from the
         log's tail when it starts, and adds each new entry's key after;
-      - when L0 holds >= l0_max keys (16384; env TALLY_L0_MAX or
+      - when L0 holds >= l0_max keys (131072; env TALLY_L0_MAX or
         tly_store_set_l0_max), all of them are sorted and copied, a slice
         per commit, into a new run of tier 0 with MDB_APPEND; its Bloom
         filter (16 bits per key; 12 in runs built by earlier versions,
@@ -96,7 +96,7 @@ void tly_store_close (tly_store **self_p);
 const char *tly_store_data_path (tly_store *self);
 /*  How many keys L0 of the dedup index may hold before a commit moves them
     into a sorted run (at least 16).  For tests and tuning; call before the
-    writer's next commit.  Default 16384, or env TALLY_L0_MAX at open. */
+    writer's next commit.  Default 131072, or env TALLY_L0_MAX at open. */
 void tly_store_set_l0_max (tly_store *self, size_t l0_max);
 
 /*  The deduplication key of (customer, key): keyed BLAKE2b-128, so nobody
