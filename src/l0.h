@@ -23,7 +23,7 @@ typedef struct {
     uint64_t from;                  /* the seq of keys[0] */
     size_t n, cap;
     uint8_t (*keys)[TLY_DEDUP_LEN]; /* the key of seq from + i at i */
-    uint32_t *slots;                /* i + 1 of a key; 0 = free */
+    uint64_t *slots;                /* key bytes 8..11 << 32 | i + 1; 0 = free */
     size_t nslots;                  /* a power of two > 2 n, or 0 */
 } dx_l0;
 
