@@ -7,7 +7,9 @@
          what covers the entries; the last, odd leaf is covered by step 4);
       3. dedup: each idempotency record names an entry whose (customer, key)
          hashes to the record's key, and each run's Bloom filter says
-         "maybe" for every key of the run;
+         "maybe" for every key of the run (the runs' counts must add up to
+         the entries they cover; the newest keys, L0, are not stored but
+         derived from the entries, which steps 1 and 2 cover);
       4. heads: each stored signed tree head verifies with log.pub and its
          root equals the root recomputed from the stored nodes.
     Passes run in slices between heartbeats, paced so that a full pass takes

@@ -114,6 +114,12 @@ void tly_reader_end (tly_reader *self);
 uint64_t tly_reader_size (tly_reader *self);
 /*  Leaf bytes of seq; valid until end. TLY_ENOTFOUND past the end. */
 int tly_reader_leaf (tly_reader *self, uint64_t seq, const uint8_t **leaf, size_t *len);
+/*  The seq of the entry whose dedup key is `dedup`: TLY_OK, TLY_ENOTFOUND,
+    TLY_ECORRUPT (the index disagrees with itself).  The reader keeps its
+    own copy of L0 across snapshots: a lookup first reads the entries
+    appended since this reader's last lookup, at most the ones not yet in
+    a run (up to about twice l0_max, ~0.5 us each), so the first lookup
+    after a start or a long pause is the slow one. */
 int tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq);
 /*  Live runs of the dedup index in the snapshot, the entries whose keys
     they hold ([0, in_runs); the rest are in L0), and how many run reads
