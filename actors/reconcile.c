@@ -17,10 +17,18 @@
     records is found within one interval.  The scrubber never takes more
     than --verify-cpu percent of a core, though: on a ledger too large for
     that, passes take longer than the interval and the log says so, with
-    what to change.  `verify` runs a pass at full
+    what to change.  The thread runs at a lower CPU priority
+    (--verify-nice), so on busy cores it yields to the request path.  `verify` runs a pass at full
     speed and replies when it ends.  Results go to the log (ERROR on the
     first finding), to `status` and to `verify`.
 */
+#include <errno.h>
+#include <string.h>
+#include <sys/resource.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include "actors.h"
 #include "tally/event.h"
 #include "tally/log.h"
@@ -357,11 +365,27 @@ on_call (recon_t *self, zmsg_t **call)
     zmsg_destroy (call);
 }
 
+/*  Lowers this thread's CPU priority (Linux: nice is per thread), so that
+    on busy cores the actors serving requests run first.  The scrubber
+    still gets --verify-cpu of a core whenever a core is idle. */
+static void
+lower_priority (unsigned nice)
+{
+#if defined(__linux__)
+    if (nice && setpriority (PRIO_PROCESS, (id_t) syscall (SYS_gettid), (int) nice))
+        tly_warn (WHO, "cannot lower the scrubber's priority (%s); it runs at the "
+                       "actors' priority", strerror (errno));
+#else
+    (void) nice;
+#endif
+}
+
 int
 tly_reconcile_actor (tly_child_ctx *ctx, void *args)
 {
     tly_actor_env *env = args;
     recon_t self = { .ctx = ctx, .env = env, .last = { .ok = true } };
+    lower_priority (env->verify_nice);
     if (tly_reader_new (env->store, &self.reader)) {
         tly_error (WHO, "cannot start: out of memory");
         return 1;

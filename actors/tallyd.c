@@ -28,6 +28,7 @@ typedef struct {
     char config[1024];
     unsigned verify_interval;
     unsigned verify_cpu;
+    unsigned verify_nice;
     char log_level[16];
     unsigned map_size_gb;
     unsigned request_max_mb;
@@ -56,6 +57,9 @@ usage (FILE *out)
 "                          this often [60]\n"
 "  --verify-cpu PERCENT    ... using at most this much of one core [25]; a\n"
 "                          ledger too big for both gets a warning in the log\n"
+"  --verify-nice N         the scrubber's CPU priority below the other actors,\n"
+"                          0 (same) to 19 (lowest) [19]: when the cores are\n"
+"                          busy, requests go first and passes take longer\n"
 "  --log-level LEVEL       debug, info, warn or error [info]\n"
 "  --map-size-gb N         LMDB map size: the ledger's maximum size [256]\n"
 "  --request-max-mb N      larger requests get too_large [16]\n"
@@ -88,6 +92,7 @@ options_defaults (options_t *o)
     strcpy (o->control, "tcp://127.0.0.1:7401");
     o->verify_interval = 60;
     o->verify_cpu = 25;
+    o->verify_nice = 19;
     strcpy (o->log_level, "info");
     o->map_size_gb = 256;
     o->request_max_mb = 16;
@@ -138,6 +143,7 @@ options_parse (options_t *o, int argc, char **argv)
         { "config", NULL, S (config) },
         { "verify-interval", "tallyd/verify_interval", N (verify_interval) },
         { "verify-cpu", "tallyd/verify_cpu", N (verify_cpu) },
+        { "verify-nice", "tallyd/verify_nice", N (verify_nice) },
         { "log-level", "tallyd/log_level", S (log_level) },
         { "map-size-gb", "tallyd/map_size_gb", N (map_size_gb) },
         { "request-max-mb", "tallyd/request_max_mb", N (request_max_mb) },
@@ -622,6 +628,10 @@ main (int argc, char **argv)
         fprintf (stderr, "tallyd: verify-cpu is a percentage of one core, 1 to 100\n");
         return 1;
     }
+    if (opt.verify_nice > 19) {
+        fprintf (stderr, "tallyd: verify-nice is 0 (the actors' priority) to 19 (the lowest)\n");
+        return 1;
+    }
     sup_cfg.intensity = opt.intensity;
     sup_cfg.period_ms = opt.period_s * 1000;
     sup_cfg.heartbeat_ms = opt.heartbeat_ms;
@@ -642,7 +652,8 @@ main (int argc, char **argv)
                           .request_max = (size_t) opt.request_max_mb << 20,
                           .group_max = opt.group_max,
                           .verify_interval_s = opt.verify_interval,
-                          .verify_cpu = opt.verify_cpu };
+                          .verify_cpu = opt.verify_cpu,
+                          .verify_nice = opt.verify_nice };
     const char *why = "";
     int rc = tly_store_open (opt.data_dir, (size_t) opt.map_size_gb << 30, &env.store, &why);
     if (rc) {

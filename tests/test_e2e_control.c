@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 #include <cmocka.h>
+#include <dirent.h>
 #include "tally/tally.h"
 #include "tally/client.h"
 #include "helper_server.h"
@@ -80,6 +81,43 @@ fx_start (fixture *fx)
     fx->ctl = e2e_conn_new (fx->srv->control);
     assert_non_null (fx->api);
     assert_non_null (fx->ctl);
+}
+
+//  The nice value of tallyd's thread named `comm` (-100: no such thread).
+static int
+thread_nice (pid_t pid, const char *comm)
+{
+    char path[96], name[32], stat[1024];
+    snprintf (path, sizeof path, "/proc/%d/task", (int) pid);
+    DIR *d = opendir (path);
+    int nice = -100;
+    for (struct dirent *e; d && nice == -100 && (e = readdir (d));) {
+        if (e->d_name[0] == '.')
+            continue;
+        snprintf (path, sizeof path, "/proc/%d/task/%.16s/comm", (int) pid, e->d_name);
+        FILE *f = fopen (path, "r");
+        bool match = f && fgets (name, sizeof name, f) && strncmp (name, comm, strlen (comm)) == 0
+                  && (name[strlen (comm)] == '\n' || name[strlen (comm)] == 0);
+        if (f)
+            fclose (f);
+        if (!match)
+            continue;
+        snprintf (path, sizeof path, "/proc/%d/task/%.16s/stat", (int) pid, e->d_name);
+        f = fopen (path, "r");
+        size_t n = f ? fread (stat, 1, sizeof stat - 1, f) : 0;
+        if (f)
+            fclose (f);
+        stat[n] = 0;
+        /*  Fields after the ")" that ends comm: state is field 3, nice 19. */
+        char *p = strrchr (stat, ')');
+        for (int field = 2; p && field < 19; field++)
+            p = strchr (p + 1, ' ');
+        if (p)
+            nice = atoi (p + 1);
+    }
+    if (d)
+        closedir (d);
+    return nice;
 }
 
 //  A clean stop: the scrubber never complained, SIGTERM exits 0.
@@ -434,6 +472,10 @@ test_terminate_and_restart (void **state)
     expect_all (&fx.r, 2, "accepted");
     control_op (&fx, "restart_child", "reconcile");
     wait_state (&fx, "reconcile", "running");
+    //  the restarted scrubber runs below the request path again (--verify-nice)
+    assert_int_equal (thread_nice (fx.srv->pid, "tly-reconcile"), 19);
+    assert_int_equal (thread_nice (fx.srv->pid, "tly-receipt"), 0);
+    assert_int_equal (thread_nice (fx.srv->pid, "tly-ingest"), 0);
 
     //  ingest: API requests are refused with unavailable until it is back
     control_op (&fx, "terminate_child", "ingest");
