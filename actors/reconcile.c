@@ -365,18 +365,25 @@ on_call (recon_t *self, zmsg_t **call)
     zmsg_destroy (call);
 }
 
-/*  Lowers this thread's CPU priority (Linux: nice is per thread), so that
-    on busy cores the actors serving requests run first.  The scrubber
-    still gets --verify-cpu of a core whenever a core is idle. */
+/*  Lowers this thread's CPU priority by `by` (Linux: nice is per thread,
+    and each thread starts with tallyd's), at most to 19, so that on busy
+    cores the actors serving requests run first.  The scrubber still gets
+    --verify-cpu of a core whenever a core is idle. */
 static void
-lower_priority (unsigned nice)
+lower_priority (unsigned by)
 {
 #if defined(__linux__)
-    if (nice && setpriority (PRIO_PROCESS, (id_t) syscall (SYS_gettid), (int) nice))
-        tly_warn (WHO, "cannot lower the scrubber's priority (%s); it runs at the "
-                       "actors' priority", strerror (errno));
+    id_t tid = (id_t) syscall (SYS_gettid);
+    errno = 0;
+    int now = getpriority (PRIO_PROCESS, tid);
+    if (by == 0 || (now == -1 && errno))
+        return;
+    int want = now + (int) by > 19 ? 19 : now + (int) by;
+    if (want > now && setpriority (PRIO_PROCESS, tid, want))
+        tly_warn (WHO, "cannot lower the scrubber's priority to nice %d (%s); it runs at "
+                       "the actors' priority", want, strerror (errno));
 #else
-    (void) nice;
+    (void) by;
 #endif
 }
 

@@ -30,14 +30,16 @@
 #include "l0.h"
 
 #define DX_TIERS 10                 /* tiers of runs; tier 9 runs never merge */
-/*  Run tables.  Each tier holds at most 16 visible runs (8 waiting for a
-    merge, 8 made while it goes on) and 1 being built; dead ones are
-    emptied as fast as merges retire them.  With the default l0_max, tiers
-    0 to 4 cover 4.8 billion events (a tier-4 run holds 131072 * 8^4 = 537M
-    keys); a merge whose output would pass 2^32 - 1 keys never starts, so
-    beyond that tier-4 runs only accumulate.  A flush never
-    takes the last DX_TIERS free tables, so merges can always start; were
-    the pool ever full, builds would wait and the index only grow slower. */
+/*  Run tables.  Each tier that still merges holds at most 16 visible
+    runs (8 waiting for a merge, 8 made while it goes on) and 1 being
+    built; dead ones are emptied as fast as merges retire them.  With the
+    default l0_max, tiers 0 to 4 cover 4.8 billion events (a tier-4 run
+    holds 131072 * 8^4 = 537M keys); a merge whose output would pass
+    2^32 - 1 keys never starts, so beyond that tier-4 runs only
+    accumulate: one more filter to ask per 537M events, and the pool lasts
+    to about 100 billion.  A flush never takes the last DX_TIERS free
+    tables, so merges can always start; were the pool ever full, builds
+    would wait and the index only grow slower. */
 #define DX_SLOTS 256
 
 /*  The tables, opened once by the store, and how to read an entry's key. */

@@ -15,7 +15,7 @@
 #define FORMAT "6"
 /*  L0 lives in memory: a larger one means fewer merge levels (each key is
     rewritten once per level) and fewer runs to ask, for more memory
-    (about 40 bytes a key, in the writer and in each reader that looks
+    (about 60 bytes a key, in the writer and in each reader that looks
     keys up) and more entries to re-read at start (up to twice l0_max,
     about 0.5 us each).  tally-ceiling, 2M events at 1,000 per commit:
     16K 238-251k events/s, 128K 261-275k. */

@@ -472,10 +472,12 @@ test_terminate_and_restart (void **state)
     expect_all (&fx.r, 2, "accepted");
     control_op (&fx, "restart_child", "reconcile");
     wait_state (&fx, "reconcile", "running");
-    //  the restarted scrubber runs below the request path again (--verify-nice)
-    assert_int_equal (thread_nice (fx.srv->pid, "tly-reconcile"), 19);
-    assert_int_equal (thread_nice (fx.srv->pid, "tly-receipt"), 0);
-    assert_int_equal (thread_nice (fx.srv->pid, "tly-ingest"), 0);
+    //  the restarted scrubber runs below the request path again: 19 above
+    //  the actors' nice (the runner's, inherited), at most 19
+    int base = thread_nice (fx.srv->pid, "tly-receipt");
+    assert_true (base > -100);
+    assert_int_equal (thread_nice (fx.srv->pid, "tly-ingest"), base);
+    assert_int_equal (thread_nice (fx.srv->pid, "tly-reconcile"), base + 19 > 19 ? 19 : base + 19);
 
     //  ingest: API requests are refused with unavailable until it is back
     control_op (&fx, "terminate_child", "ingest");
