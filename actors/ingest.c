@@ -485,6 +485,8 @@ op_ingest (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpa
         tly_item it = { .idx = i, .customer = ev.customer, .key = ev.key, .meter = ev.meter,
                         .qty = ev.qty, .ts = ev.ts,
                         .tail = { (const char *) self->tails.data + start, tail_end[i] - start } };
+        /*  Here rather than in receipt: the single writer is the bottleneck. */
+        tly_store_dedup_hash (self->env->store, &ev.customer, &ev.key, it.dedup);
         tly_item_pack (&pk, &it);
     }
     free (tail_end);

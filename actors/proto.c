@@ -82,7 +82,7 @@ tly_obj_uint (const msgpack_object *o, uint64_t *out)
 void
 tly_item_pack (msgpack_packer *pk, const tly_item *it)
 {
-    msgpack_pack_array (pk, 7);
+    msgpack_pack_array (pk, 8);
     msgpack_pack_uint32 (pk, it->idx);
     tly_pack_bin (pk, it->tail.ptr, it->tail.len);
     tly_pack_str (pk, it->customer.ptr, it->customer.len);
@@ -90,12 +90,13 @@ tly_item_pack (msgpack_packer *pk, const tly_item *it)
     tly_pack_str (pk, it->meter.ptr, it->meter.len);
     msgpack_pack_uint64 (pk, it->qty);
     msgpack_pack_uint64 (pk, it->ts);
+    tly_pack_bin (pk, it->dedup, TLY_DEDUP_LEN);
 }
 
 int
 tly_item_decode (const msgpack_object *o, tly_item *it)
 {
-    if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 7)
+    if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 8)
         return TLY_EINVAL;
     const msgpack_object *f = o->via.array.ptr;
     uint64_t idx;
@@ -103,8 +104,10 @@ tly_item_decode (const msgpack_object *o, tly_item *it)
     ||  f[1].type != MSGPACK_OBJECT_BIN
     ||  tly_obj_str (&f[2], &it->customer) || tly_obj_str (&f[3], &it->key)
     ||  tly_obj_str (&f[4], &it->meter)
-    ||  tly_obj_uint (&f[5], &it->qty) || tly_obj_uint (&f[6], &it->ts))
+    ||  tly_obj_uint (&f[5], &it->qty) || tly_obj_uint (&f[6], &it->ts)
+    ||  f[7].type != MSGPACK_OBJECT_BIN || f[7].via.bin.size != TLY_DEDUP_LEN)
         return TLY_EINVAL;
+    memcpy (it->dedup, f[7].via.bin.ptr, TLY_DEDUP_LEN);
     it->idx = (uint32_t) idx;
     it->tail.ptr = f[1].via.bin.ptr;
     it->tail.len = f[1].via.bin.size;

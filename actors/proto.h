@@ -5,7 +5,10 @@
     handed to each actor generation, so messages queued for an actor that is
     restarting wait for it instead of being lost.
 
-      ingest  -> receipt  APPEND  [1, ctx, [[idx, tail, customer, key, meter, qty, ts]...]]
+      ingest  -> receipt  APPEND  [1, ctx, [[idx, tail, customer, key, meter, qty, ts,
+                                             dedup]...]]   dedup: the 16-byte keyed
+                                  hash of (customer, key), computed by ingest so the
+                                  single writer does not
       receipt -> ingest   RESULT  [2, ctx, sth, [[idx, status, seq, recv_ts, leaf]
                                                  | [idx, 3, code, message]...]]
                           FAILED  [3, ctx, code, message]   the whole request failed
@@ -27,6 +30,7 @@
 #include "tally/tally.h"
 #include "tally/buf.h"
 #include "tally/sth.h"
+#include "tally/store.h"
 
 enum {
     TLY_MSG_APPEND = 1, TLY_MSG_RESULT = 2, TLY_MSG_FAILED = 3,
@@ -45,6 +49,7 @@ typedef struct {
     tly_str meter;
     uint64_t qty;
     uint64_t ts;
+    uint8_t dedup[TLY_DEDUP_LEN];   /* tly_store_dedup_hash (customer, key) */
 } tly_item;
 
 typedef struct {

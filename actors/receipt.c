@@ -26,8 +26,7 @@
 #define ADMIT_TIMEOUT_MS 5000
 
 typedef struct {
-    tly_item item;
-    uint8_t dedup[TLY_DEDUP_LEN];
+    tly_item item;                  /* item.dedup: ingest hashed (customer, key) */
     uint32_t msg;                   /* index in self->msgs */
     uint64_t ticket;                /* the round that admitted it */
     tly_outcome out;
@@ -75,7 +74,7 @@ set_contains (receipt_t *self, const uint8_t dedup[TLY_DEDUP_LEN])
 {
     for (size_t i = set_slot (dedup, self->set_cap); self->set[i];
          i = (i + 1) & (self->set_cap - 1))
-        if (memcmp (self->work[self->set[i] - 1].dedup, dedup, TLY_DEDUP_LEN) == 0)
+        if (memcmp (self->work[self->set[i] - 1].item.dedup, dedup, TLY_DEDUP_LEN) == 0)
             return true;
     return false;
 }
@@ -83,7 +82,7 @@ set_contains (receipt_t *self, const uint8_t dedup[TLY_DEDUP_LEN])
 static void
 set_add (receipt_t *self, uint32_t w)
 {
-    size_t i = set_slot (self->work[w].dedup, self->set_cap);
+    size_t i = set_slot (self->work[w].item.dedup, self->set_cap);
     while (self->set[i])
         i = (i + 1) & (self->set_cap - 1);
     self->set[i] = w + 1;
@@ -207,7 +206,7 @@ static int
 judge_existing (receipt_t *self, work_t *w)
 {
     uint64_t seq;
-    int rc = tly_writer_lookup (self->writer, w->dedup, &seq);
+    int rc = tly_writer_lookup (self->writer, w->item.dedup, &seq);
     if (rc == TLY_ENOTFOUND)
         return 0;
     if (rc)
@@ -333,7 +332,7 @@ round_flush (receipt_t *self)
             /*  judge_existing found the key absent in this txn, and the
                 round set keeps a second copy of it out of this round. */
             rc = tly_writer_append_new (self->writer, self->leaf.data, self->leaf.len,
-                                        w->dedup, w->out.leaf);
+                                        w->item.dedup, w->out.leaf);
         w->out.status = TLY_ST_ACCEPTED;
         w->out.seq = seq;
         w->out.recv_ts = self->recv_ts;
@@ -388,7 +387,6 @@ group_decode (receipt_t *self)
                 break;
             }
             w->out.idx = w->item.idx;
-            tly_store_dedup_hash (self->env->store, &w->item.customer, &w->item.key, w->dedup);
         }
     }
     size_t cap = 16;
@@ -416,7 +414,7 @@ group_judge (receipt_t *self)
     self->recv_ts = tly_now_ms ();
     for (size_t i = 0; i < self->nwork && !rc; i++) {
         work_t *w = &self->work[i];
-        if (set_contains (self, w->dedup) && (rc = round_flush (self)))
+        if (set_contains (self, w->item.dedup) && (rc = round_flush (self)))
             break;
         rc = judge_existing (self, w);
         if (rc == 0) {
