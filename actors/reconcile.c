@@ -18,9 +18,10 @@
     than --verify-cpu percent of a core, though: on a ledger too large for
     that, passes take longer than the interval and the log says so, with
     what to change.  The thread runs at a lower CPU priority
-    (--verify-nice), so on busy cores it yields to the request path.  `verify` runs a pass at full
-    speed and replies when it ends.  Results go to the log (ERROR on the
-    first finding), to `status` and to `verify`.
+    (--verify-nice), so on busy cores it yields to the request path.
+    `verify` runs a pass at full speed and replies when it ends.  Results
+    go to the log (ERROR on the first finding), to `status` and to
+    `verify`.
 */
 #include <errno.h>
 #include <string.h>

@@ -476,8 +476,7 @@ struct dx_writer {
     bool loaded;                    /* the state below matches meta + txn */
     bool dirty;                     /* this txn changed it */
     uint64_t work;                  /* counts changes, to know when to stop */
-    dx_rec *frozen;                 /* build[0]: L0's keys [covered, frozen_end), sorted */
-    uint64_t frozen_end;
+    dx_rec *frozen;                 /* build[0]: L0's keys [covered, covered + total), sorted */
     uint32_t next_id;
     dx_build build[DX_TIERS];       /* build[j] makes a run of tier j */
     bool dead[DX_SLOTS];            /* holds records no visible run owns */
@@ -729,14 +728,15 @@ flush_step (dx_writer *self, uint64_t budget)
     }
     if (err || b->done < b->total)
         return err;
+    uint64_t end = self->view.covered + b->total;   /* the frozen keys were L0's first */
     if ((err = build_publish (self, 0))
-    ||  (err = covered_store (self->t, self->txn, self->frozen_end)))
+    ||  (err = covered_store (self->t, self->txn, end)))
         return err;
-    self->view.covered = self->frozen_end;
+    self->view.covered = end;
     free (self->frozen);
     self->frozen = NULL;
     /*  L0 drops the keys now in the run; it only shrinks: no error. */
-    return l0_sync (&self->view.l0, self->txn, self->frozen_end, l0_end (&self->view.l0),
+    return l0_sync (&self->view.l0, self->txn, end, l0_end (&self->view.l0),
                     self->t->key_of, self->t->key_ctx);
 }
 
@@ -855,7 +855,6 @@ start_builds (dx_writer *self)
         if ((err = build_start (self, 0, l0->n, NULL)))
             return err;
         if (self->build[0].on) {
-            self->frozen_end = l0_end (l0);
             if ((err = l0_sorted (l0, l0->n, &self->frozen)))
                 return err;
         }

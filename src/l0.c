@@ -149,6 +149,15 @@ l0_sync (dx_l0 *self, MDB_txn *txn, uint64_t from, uint64_t end,
     where an 8-pass radix sort took 8-12 ms, a stall in the commit that
     freezes L0.  Buckets grow with the count, so an L0 tuned far larger
     stays linear (with 16-bit buckets, 1M keys took 104 ms). */
+/*  The bucket of key: its top `bits` bits. */
+static size_t
+bucket_of (const uint8_t key[TLY_DEDUP_LEN], unsigned bits)
+{
+    uint32_t top = (uint32_t) key[0] << 24 | (uint32_t) key[1] << 16
+                 | (uint32_t) key[2] << 8 | key[3];
+    return top >> (32 - bits);
+}
+
 int
 l0_sorted (const dx_l0 *self, size_t count, dx_rec **out)
 {
@@ -165,17 +174,12 @@ l0_sorted (const dx_l0 *self, size_t count, dx_rec **out)
         free (at);
         return TLY_ENOMEM;
     }
-    for (size_t i = 0; i < count; i++) {
-        uint32_t top = (uint32_t) self->keys[i][0] << 24 | (uint32_t) self->keys[i][1] << 16
-                     | (uint32_t) self->keys[i][2] << 8 | self->keys[i][3];
-        at[(top >> (32 - bits)) + 1]++;
-    }
+    for (size_t i = 0; i < count; i++)
+        at[bucket_of (self->keys[i], bits) + 1]++;
     for (size_t d = 0; d < nb; d++)
         at[d + 1] += at[d];
     for (size_t i = 0; i < count; i++) {
-        uint32_t top = (uint32_t) self->keys[i][0] << 24 | (uint32_t) self->keys[i][1] << 16
-                     | (uint32_t) self->keys[i][2] << 8 | self->keys[i][3];
-        dx_rec *r = &a[at[top >> (32 - bits)]++];
+        dx_rec *r = &a[at[bucket_of (self->keys[i], bits)]++];
         memcpy (r->key, self->keys[i], TLY_DEDUP_LEN);
         r->seq = self->from + i;
     }

@@ -143,6 +143,7 @@ open_dbis (tly_store *self, const char **why)
         goto abort;
     }
 
+    int format = format_of (txn, self->meta);   /* 0 in a new ledger */
     MDB_val k = { 9, "dedup_key" }, v;
     rc = mdb_get (txn, self->meta, &k, &v);
     if (rc == MDB_NOTFOUND) {
@@ -155,7 +156,7 @@ open_dbis (tly_store *self, const char **why)
             goto abort;
     }
     else
-    if (rc == 0 && format_of (txn, self->meta) != 5 && format_of (txn, self->meta) != 6) {
+    if (rc == 0 && format != 5 && format != 6) {
         mdb_txn_abort (txn);
         *why = "the ledger in this data dir is not format " FORMAT " or 5 (formats 1 to 4 "
                "laid out the idempotency index differently): this tallyd reads formats "
@@ -174,7 +175,7 @@ open_dbis (tly_store *self, const char **why)
     }
     else
         memcpy (self->dedup_key, v.mv_data, sizeof self->dedup_key);
-    if (format_of (txn, self->meta) == 5) {
+    if (format == 5) {
         int err = migrate_5 (self, txn);
         if (err) {
             mdb_txn_abort (txn);
