@@ -139,6 +139,21 @@ txn_round (fixture *f, uint64_t count, bool commit)
     dx_writer_end (f->w, commit);
 }
 
+/*  A read snapshot and the index's view of it. */
+static void
+view_begin (fixture *f, MDB_txn **txn, dx_view *view)
+{
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, txn), 0);
+    assert_int_equal (dx_view_load (&f->t, *txn, view), TLY_OK);
+}
+
+static void
+view_end (MDB_txn *txn, dx_view *view)
+{
+    dx_view_free (view);
+    mdb_txn_abort (txn);
+}
+
 /*  Every committed key found at its seq, keys never inserted (and the
     ones of aborted txns) not found, in a fresh read snapshot. */
 static void
@@ -146,8 +161,7 @@ check_lookups (fixture *f)
 {
     MDB_txn *txn;
     dx_view view = { 0 };
-    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
-    assert_int_equal (dx_view_load (&f->t, txn, &view), TLY_OK);
+    view_begin (f, &txn, &view);
     assert_int_equal (dx_view_sync (&f->t, txn, &view, f->n), TLY_OK);
     uint8_t key[TLY_DEDUP_LEN];
     uint64_t seq;
@@ -162,8 +176,7 @@ check_lookups (fixture *f)
         key_of (s, 1, key);
         assert_int_equal (dx_lookup (&f->t, txn, &view, key, &seq), TLY_ENOTFOUND);
     }
-    dx_view_free (&view);
-    mdb_txn_abort (txn);
+    view_end (txn, &view);
 }
 
 typedef struct {
@@ -190,12 +203,10 @@ covered (fixture *f)
 {
     MDB_txn *txn;
     dx_view view = { 0 };
-    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
-    assert_int_equal (dx_view_load (&f->t, txn, &view), TLY_OK);
+    view_begin (f, &txn, &view);
     uint64_t c = view.covered;
     assert_true (c <= f->n);
-    dx_view_free (&view);
-    mdb_txn_abort (txn);
+    view_end (txn, &view);
     return c;
 }
 
@@ -206,12 +217,10 @@ scan_slice (fixture *f, seen_ctx *c, uint8_t pos[TLY_DEDUP_POS_LEN], bool starte
     MDB_txn *txn;
     dx_view view = { 0 };
     bool done = false;
-    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
-    assert_int_equal (dx_view_load (&f->t, txn, &view), TLY_OK);
+    view_begin (f, &txn, &view);
     assert_int_equal (dx_scan (&f->t, txn, &view, started ? pos : NULL, slice, seen_one, c,
                                pos, &done), TLY_OK);
-    dx_view_free (&view);
-    mdb_txn_abort (txn);
+    view_end (txn, &view);
     return done;
 }
 
@@ -277,8 +286,7 @@ test_dedup_model (void **state)
 
     dx_view view = { 0 };
     size_t used = 0;
-    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
-    assert_int_equal (dx_view_load (&f->t, txn, &view), TLY_OK);
+    view_begin (f, &txn, &view);
     for (unsigned s = 0; s < DX_SLOTS; s++) {
         MDB_stat st;
         assert_int_equal (mdb_stat (txn, f->t.slot[s], &st), 0);
@@ -287,8 +295,7 @@ test_dedup_model (void **state)
     assert_int_equal (used, view.n);
     print_message ("dedup model: %llu keys, %d aborted txns, %d restarts, %d scans, %zu runs\n",
                    (unsigned long long) f->n, aborts, restarts, scans, view.n);
-    dx_view_free (&view);
-    mdb_txn_abort (txn);
+    view_end (txn, &view);
     free (c.seen);
 }
 
@@ -307,12 +314,10 @@ test_dedup_large_commits (void **state)
         dx_writer_backlog (f->w, &builds, &dead);
         MDB_txn *txn;
         dx_view view = { 0 };
-        assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
-        assert_int_equal (dx_view_load (&f->t, txn, &view), TLY_OK);
-        mdb_txn_abort (txn);
+        view_begin (f, &txn, &view);
         max_runs = view.n > max_runs ? view.n : max_runs;
         max_dead = dead > max_dead ? dead : max_dead;
-        dx_view_free (&view);
+        view_end (txn, &view);
     }
     print_message ("large commits: %llu keys, at most %zu runs, %zu dead tables, %zu keys in L0\n",
                    (unsigned long long) f->n, max_runs, max_dead, f->max_l0);
