@@ -14,8 +14,16 @@
                           FAILED  [3, ctx, code, message]   the whole request failed
       receipt -> quota    ADMIT   [10, ticket, [[customer, meter, ts, qty]...]]
       quota   -> receipt  VERDICT [11, ticket, bin (one byte per item: 1 admitted)]
-      receipt -> quota    COMMIT  [12, ticket, [[seq, customer, meter, ts, qty]...]]
+      receipt -> quota    COMMIT  [12, 0, [[seq, customer, meter, ts, qty, ticket]...],
+                                   [ticket...]]   one per committed group: its accepted
+                                  events in seq order (ticket 0: no limit applied, so
+                                  never admitted) and the tickets it closes
                           ABORT   [13, ticket]
+                          HELLO   [15, 0]   a new receipt generation: forget the
+                                  tickets of earlier ones, send LIMITS in full
+      quota   -> receipt  LIMITS  [14, 0, full, [[customer, meter, limit | nil]...]]
+                                  the keys of the limits (full: all of them; else
+                                  changes), so events no limit applies to skip ADMIT
       ingest  -> quota    QUERY   [20, ctx, customer, period]
       quota   -> ingest   USAGE   [21, ctx, [[meter, limit, used]...]]  or [21, ctx, nil] (unavailable)
 
@@ -35,6 +43,7 @@
 enum {
     TLY_MSG_APPEND = 1, TLY_MSG_RESULT = 2, TLY_MSG_FAILED = 3,
     TLY_MSG_ADMIT = 10, TLY_MSG_VERDICT = 11, TLY_MSG_COMMIT = 12, TLY_MSG_ABORT = 13,
+    TLY_MSG_LIMITS = 14, TLY_MSG_HELLO = 15,
     TLY_MSG_QUERY = 20, TLY_MSG_USAGE = 21,
 };
 

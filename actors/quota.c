@@ -1,10 +1,15 @@
 /*  quota.c -- the quota actor: owns the limits and the monthly usage.
 
     Usage is exact under any concurrency because the receipt actor, the
-    single writer, asks us about every new event (ADMIT) after
-    deduplication and before it appends: duplicates and conflicts never
-    reach us.  Admission counts the usage at once; an ABORT (failed commit)
-    takes it back; a COMMIT forgets the ticket.
+    single writer, asks us about every new event a limit applies to (ADMIT)
+    after deduplication and before it appends: duplicates and conflicts
+    never reach us.  Admission counts the usage at once; an ABORT (failed
+    commit) takes it back; a COMMIT forgets the ticket.  Events no limit
+    applies to are admitted by receipt alone and counted here from the
+    COMMIT.  For that, receipt keeps the keys of our limits: we send them
+    in full (LIMITS) before we are ready and when receipt says HELLO, and
+    each change as it happens: a new limit before it is stored, a removal
+    after, so receipt's copy never lacks a limit we enforce.
 
     Durability: limits are written to our own LMDB environment
     (<data dir>/quota, one writer: us) before set_quota replies.  Usage is
@@ -27,6 +32,7 @@
 #define WHO "quota"
 #define CHECKPOINT_MS 1000
 #define MAX_TICKETS 4096
+#define MAX_LIMITS_SENT 1000000     /* more than this: receipt asks about every event */
 
 typedef struct {
     uint64_t id;
@@ -410,7 +416,7 @@ count_ledger (quota_t *self)
         return rc;
     }
     self->dirty |= seq > from;
-    tly_info (WHO, "usage rebuilt: the checkpoint covered %llu entries, %llu more counted "
+    tly_info (WHO, "usage rebuilt: %llu entries were counted already, %llu more counted "
                    "from the ledger in %lld ms", (unsigned long long) from,
               (unsigned long long) (seq - from), (long long) (zclock_mono () - started));
     return TLY_OK;
@@ -513,35 +519,51 @@ on_admit (quota_t *self, tly_link_msg *m)
     free (verdict);
 }
 
+/*  [12, 0, [[seq, customer, meter, ts, qty, ticket]...], [ticket...]]:
+    the accepted events of one group in seq order.  Those our admission
+    counted are known by their ticket; the rest (no limit applied, or a
+    ticket from before our restart) are counted unless the ledger count
+    already included them. */
 static void
 on_commit (quota_t *self, tly_link_msg *m)
 {
-    const msgpack_object *arr = tly_link_field (m, 2);
-    if (!arr || arr->type != MSGPACK_OBJECT_ARRAY)
+    const msgpack_object *arr = tly_link_field (m, 2), *closes = tly_link_field (m, 3);
+    if (!arr || arr->type != MSGPACK_OBJECT_ARRAY
+    ||  !closes || closes->type != MSGPACK_OBJECT_ARRAY) {
+        tly_error (WHO, "a malformed commit (a bug): usage may be short until a restart");
         return;
-    ticket_t *t = ticket_find (self, m->ctx);
-    uint64_t top = self->counted;
+    }
+    uint64_t top = self->counted, last = 0;
+    ticket_t *t = NULL;
     for (uint32_t i = 0; i < arr->via.array.size; i++) {
         const msgpack_object *o = &arr->via.array.ptr[i];
         tly_str c, mt;
-        uint64_t seq, ts, qty;
-        if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 5
+        uint64_t seq, ts, qty, ticket;
+        if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 6
         ||  tly_obj_uint (&o->via.array.ptr[0], &seq)
         ||  tly_obj_str (&o->via.array.ptr[1], &c) || tly_obj_str (&o->via.array.ptr[2], &mt)
         ||  tly_obj_uint (&o->via.array.ptr[3], &ts) || tly_obj_uint (&o->via.array.ptr[4], &qty)
+        ||  tly_obj_uint (&o->via.array.ptr[5], &ticket)
         ||  c.len > TLY_CUSTOMER_MAX || mt.len > TLY_METER_MAX)
             continue;
-        /*  Our own admission already counted it; else count what the
-            ledger scan did not include. */
-        if (!t && seq >= self->counted)
-            tly_quota_add (self->q, &c, &mt, tly_period_of (ts), qty);
+        if (ticket != last) {
+            last = ticket;
+            t = ticket ? ticket_find (self, ticket) : NULL;
+        }
+        if (!t && seq >= self->counted
+        &&  tly_quota_add (self->q, &c, &mt, tly_period_of (ts), qty))
+            tly_error (WHO, "out of memory counting usage: it is short until a restart");
         if (seq + 1 > top)
             top = seq + 1;
     }
     self->counted = top;
     self->dirty = true;
-    if (t)
-        ticket_drop (self, t);
+    for (uint32_t i = 0; i < closes->via.array.size; i++) {
+        uint64_t ticket;
+        if (!tly_obj_uint (&closes->via.array.ptr[i], &ticket)
+        &&  (t = ticket_find (self, ticket)))
+            ticket_drop (self, t);
+    }
 }
 
 static void
@@ -656,6 +678,76 @@ on_query (quota_t *self, tly_link_msg *m)
     tly_link_send (self->env->ingest_quota[1], &self->buf, true);
 }
 
+/* ---- the keys of our limits, for receipt ---- */
+
+static void
+pack_limit (void *arg, const tly_str *c, const tly_str *m, uint64_t limit)
+{
+    msgpack_packer *pk = arg;
+    msgpack_pack_array (pk, 3);
+    tly_pack_str (pk, c->ptr, c->len);
+    tly_pack_str (pk, m->ptr, m->len);
+    msgpack_pack_uint64 (pk, limit);
+}
+
+/*  Sends receipt every limit (c NULL) or one change (set, or removed). */
+static int
+limits_send (quota_t *self, const tly_str *c, const tly_str *m, bool set, uint64_t limit)
+{
+    size_t n = c ? 1 : tly_quota_limit_count (self->q);
+    if (n > MAX_LIMITS_SENT) {
+        tly_warn (WHO, "%zu limits are more than receipt keeps (%d): it asks about every "
+                       "event, which is slower", n, MAX_LIMITS_SENT);
+        return TLY_ETOOLARGE;
+    }
+    msgpack_packer pk;
+    tly_buf_reset (&self->buf);
+    tly_buf_packer (&self->buf, &pk);
+    msgpack_pack_array (&pk, 4);
+    msgpack_pack_uint8 (&pk, TLY_MSG_LIMITS);
+    msgpack_pack_uint64 (&pk, 0);
+    if (c) {
+        msgpack_pack_false (&pk);
+        msgpack_pack_array (&pk, 1);
+        msgpack_pack_array (&pk, 3);
+        tly_pack_str (&pk, c->ptr, c->len);
+        tly_pack_str (&pk, m->ptr, m->len);
+        if (set)
+            msgpack_pack_uint64 (&pk, limit);
+        else
+            msgpack_pack_nil (&pk);
+    }
+    else {
+        msgpack_pack_true (&pk);
+        msgpack_pack_array (&pk, (uint32_t) n);
+        tly_quota_each_limit (self->q, pack_limit, &pk);
+    }
+    return tly_link_send (self->env->receipt_quota[1], &self->buf, false);
+}
+
+/*  HELLO: a new receipt generation.  Tickets still open are from earlier
+    ones: their groups may or may not have committed.  So take their
+    usage back and count the ledger from `counted` on: every entry whose
+    COMMIT we never got is past it.  Then send the limits in full. */
+static int
+on_hello (quota_t *self)
+{
+    if (self->ntickets)
+        tly_warn (WHO, "a new receipt generation: %zu rounds of the last one never closed; "
+                       "counting their entries from the ledger", self->ntickets);
+    while (self->ntickets) {
+        ticket_t *t = &self->tickets[0];
+        for (uint32_t k = 0; k < t->n; k++)
+            tly_quota_sub (self->q, &t->items[k].customer, &t->items[k].meter,
+                           t->items[k].period, t->items[k].qty);
+        ticket_drop (self, t);
+    }
+    int rc = count_ledger (self);
+    if (!rc)
+        limits_send (self, NULL, NULL, false, 0);
+    return rc;
+}
+
 /* ---- set_quota (a control call) ---- */
 
 static bool
@@ -695,6 +787,13 @@ set_quota (quota_t *self, const msgpack_object *body, tly_buf *reply)
     }
     uint64_t old = 0;
     bool had = tly_quota_limit_exact (self->q, &c, &m, &old);
+    /*  Receipt must know of a limit before we enforce it (see the top). */
+    if (!remove && limits_send (self, &c, &m, true, limit)) {
+        tly_error (WHO, "cannot tell receipt of a new limit (its link is full?); "
+                        "the limit was not set");
+        tly_reply_error (reply, id, "unavailable", "the limit could not be set now; retry");
+        return;
+    }
     uint8_t key[2 + TLY_CUSTOMER_MAX + TLY_METER_MAX];
     MDB_val k = { row_key (key, &c, &m, NULL), key }, v = { 8, &limit };
     MDB_txn *txn;
@@ -711,6 +810,8 @@ set_quota (quota_t *self, const msgpack_object *body, tly_buf *reply)
         tly_reply_error (reply, id, "internal", "the limit could not be stored");
         return;
     }
+    if (remove)
+        limits_send (self, &c, &m, false, 0);  /* lost, it only costs receipt round trips */
     char was[32] = "none";
     if (had)
         snprintf (was, sizeof was, "%llu", (unsigned long long) old);
@@ -776,6 +877,7 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
     if (!rc && !(self.writer = zactor_new (writer_actor, &self)))
         rc = TLY_ENOMEM;
     if (!rc) tly_quota_clean (self.q);       /* loaded rows are on disk already */
+    if (!rc) limits_send (&self, NULL, NULL, false, 0);   /* before READY: see receipt.c */
     if (rc) {
         tly_error (WHO, "cannot start: %s; check <data dir>/quota", tly_strerror (rc));
         quota_free (&self);
@@ -813,10 +915,13 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
                     case TLY_MSG_COMMIT: on_commit (&self, &m); break;
                     case TLY_MSG_ABORT:  on_abort (&self, &m); break;
                     case TLY_MSG_QUERY:  on_query (&self, &m); break;
+                    case TLY_MSG_HELLO:  rc = on_hello (&self); break;
                     default: tly_error (WHO, "unexpected message type %d (a bug)", m.type);
                 }
             }
             tly_link_done (&m);
+            if (rc)
+                break;          /* told to stop while counting, or the ledger is unreadable */
         }
         else
         if (which == self.writer)
@@ -828,5 +933,5 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
     }
     zpoller_destroy (&poller);
     quota_free (&self);
-    return 0;
+    return rc && rc != TLY_EUNAVAIL ? 1 : 0;
 }

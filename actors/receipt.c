@@ -9,18 +9,31 @@
     Per event, in order:
       1. dedup: (customer, key) already in the ledger -> duplicate when the
          canonical tails are byte-equal, else conflict;
-      2. admission: the new events of a *round* go to the quota actor in one
-         ADMIT; a round ends early when a key repeats inside it, so the
-         repeat is judged against the first once that one is settled;
+      2. admission: the new events of a *round* that a limit applies to go
+         to the quota actor in one ADMIT; a round ends early when a key
+         repeats inside it, so the repeat is judged against the first once
+         that one is settled.  An event no limit applies to is admitted
+         here, with no round trip, and quota counts it from the COMMIT;
       3. append: seq, leaf bytes, leaf hash, Merkle nodes, dedup record.
     Then commit, COMMIT to quota, RESULT to ingest.  A reply never precedes
     the fsync.  Any failure aborts the whole group: nothing is half-written
     and every request in it gets a FAILED reply its client can retry.
+
+    Which events need quota: we keep the keys of the limits, sent by quota
+    (LIMITS: in full when either of us starts, then each change).  Quota
+    announces a new limit before it stores it and a removal after, so our
+    copy holds at least every limit quota enforces; an extra key only costs
+    a round trip.  The copy changes only between groups, so every event of
+    a group sees the same limits: a limit set meanwhile takes effect with
+    the next group, and by then quota has counted this one (the COMMIT
+    precedes the next ADMIT on the link).  Until the first full LIMITS
+    every event goes to quota.
 */
 #include "actors.h"
 #include "proto.h"
 #include "tally/event.h"
 #include "tally/log.h"
+#include "tally/quota.h"
 
 #define WHO "receipt"
 #define ADMIT_TIMEOUT_MS 5000
@@ -28,7 +41,8 @@
 typedef struct {
     tly_item item;                  /* item.dedup: ingest hashed (customer, key) */
     uint32_t msg;                   /* index in self->msgs */
-    uint64_t ticket;                /* the round that admitted it */
+    uint64_t ticket;                /* the round that admitted it; 0: no limit applied */
+    bool admit;                     /* a limit may apply: ask quota */
     tly_outcome out;
 } work_t;
 
@@ -52,6 +66,11 @@ typedef struct {
     uint64_t *tickets;              /* rounds admitted in this group */
     size_t ntickets;
     uint64_t next_ticket;
+    tly_quota *limits;              /* the keys of quota's limits (values unused) */
+    bool limits_known;              /* a full LIMITS arrived: limits is usable */
+    bool limits_lost;               /* a LIMITS was dropped: ask for them again */
+    tly_link_msg *deferred;         /* LIMITS that arrived inside a group */
+    size_t ndeferred, deferred_cap;
     uint64_t recv_ts;
     int64_t admit_us;               /* time spent waiting for quota, this group */
     tly_buf buf;
@@ -145,36 +164,41 @@ send_results (receipt_t *self, const tly_sth *sth)
     }
 }
 
+/*  One COMMIT for the group: its accepted events in seq order (work order:
+    rounds append in turn), each with the ticket that admitted it. */
 static void
 send_commits (receipt_t *self)
 {
-    for (size_t t = 0; t < self->ntickets; t++) {
-        uint32_t n = 0;
-        for (size_t w = 0; w < self->nwork; w++)
-            n += self->work[w].ticket == self->tickets[t]
-              && self->work[w].out.status == TLY_ST_ACCEPTED;
-        msgpack_packer pk;
-        tly_buf_reset (&self->buf);
-        tly_buf_packer (&self->buf, &pk);
-        msgpack_pack_array (&pk, 3);
-        msgpack_pack_uint8 (&pk, TLY_MSG_COMMIT);
-        msgpack_pack_uint64 (&pk, self->tickets[t]);
-        msgpack_pack_array (&pk, n);
-        for (size_t w = 0; w < self->nwork; w++) {
-            work_t *x = &self->work[w];
-            if (x->ticket != self->tickets[t] || x->out.status != TLY_ST_ACCEPTED)
-                continue;
-            msgpack_pack_array (&pk, 5);
-            msgpack_pack_uint64 (&pk, x->out.seq);
-            tly_pack_str (&pk, x->item.customer.ptr, x->item.customer.len);
-            tly_pack_str (&pk, x->item.meter.ptr, x->item.meter.len);
-            msgpack_pack_uint64 (&pk, x->item.ts);
-            msgpack_pack_uint64 (&pk, x->item.qty);
-        }
-        if (tly_link_send (self->quota, &self->buf, true))
-            tly_warn (WHO, "quota link is full; quota will recount from the ledger "
-                           "when it restarts");
+    uint32_t n = 0;
+    for (size_t w = 0; w < self->nwork; w++)
+        n += self->work[w].out.status == TLY_ST_ACCEPTED;
+    if (n == 0 && self->ntickets == 0)
+        return;
+    msgpack_packer pk;
+    tly_buf_reset (&self->buf);
+    tly_buf_packer (&self->buf, &pk);
+    msgpack_pack_array (&pk, 4);
+    msgpack_pack_uint8 (&pk, TLY_MSG_COMMIT);
+    msgpack_pack_uint64 (&pk, 0);
+    msgpack_pack_array (&pk, n);
+    for (size_t w = 0; w < self->nwork; w++) {
+        work_t *x = &self->work[w];
+        if (x->out.status != TLY_ST_ACCEPTED)
+            continue;
+        msgpack_pack_array (&pk, 6);
+        msgpack_pack_uint64 (&pk, x->out.seq);
+        tly_pack_str (&pk, x->item.customer.ptr, x->item.customer.len);
+        tly_pack_str (&pk, x->item.meter.ptr, x->item.meter.len);
+        msgpack_pack_uint64 (&pk, x->item.ts);
+        msgpack_pack_uint64 (&pk, x->item.qty);
+        msgpack_pack_uint64 (&pk, x->ticket);
     }
+    msgpack_pack_array (&pk, (uint32_t) self->ntickets);
+    for (size_t t = 0; t < self->ntickets; t++)
+        msgpack_pack_uint64 (&pk, self->tickets[t]);
+    if (tly_link_send (self->quota, &self->buf, true))
+        tly_error (WHO, "cannot hand a commit to quota: its usage is short until it "
+                        "recounts; run `tally ctl restart_child receipt`");
 }
 
 static void
@@ -188,6 +212,106 @@ send_aborts (receipt_t *self)
         msgpack_pack_uint8 (&pk, TLY_MSG_ABORT);
         msgpack_pack_uint64 (&pk, self->tickets[t]);
         tly_link_send (self->quota, &self->buf, true);
+    }
+}
+
+/* ---- the keys of quota's limits ---- */
+
+/*  Asks quota for its limits in full; from a new generation, this also
+    tells quota to forget the tickets of earlier ones. */
+static void
+send_hello (receipt_t *self)
+{
+    msgpack_packer pk;
+    tly_buf_reset (&self->buf);
+    tly_buf_packer (&self->buf, &pk);
+    msgpack_pack_array (&pk, 2);
+    msgpack_pack_uint8 (&pk, TLY_MSG_HELLO);
+    msgpack_pack_uint64 (&pk, 0);
+    if (tly_link_send (self->quota, &self->buf, true))
+        tly_warn (WHO, "cannot ask quota for its limits; every event goes to quota");
+}
+
+/*  Applies a LIMITS message to our copy.  What we cannot read or hold
+    leaves the copy unknown (every event goes to quota) until quota sends
+    it in full again, which we ask for. */
+static void
+limits_apply (receipt_t *self, const tly_link_msg *m)
+{
+    const msgpack_object *full = tly_link_field (m, 2), *arr = tly_link_field (m, 3);
+    bool ok = full && full->type == MSGPACK_OBJECT_BOOLEAN
+           && arr && arr->type == MSGPACK_OBJECT_ARRAY;
+    bool is_full = ok && full->via.boolean;
+    if (ok && !is_full && !self->limits_known)
+        return;                         /* a change to a copy we do not have */
+    tly_quota *q = self->limits;
+    if (ok && is_full)
+        ok = tly_quota_new (&q) == TLY_OK;
+    for (uint32_t i = 0; ok && i < arr->via.array.size; i++) {
+        const msgpack_object *o = &arr->via.array.ptr[i];
+        const msgpack_object *f = o->via.array.ptr;
+        tly_str c, mt;
+        uint64_t limit = 0;
+        ok = o->type == MSGPACK_OBJECT_ARRAY && o->via.array.size == 3
+          && !tly_obj_str (&f[0], &c) && !tly_obj_str (&f[1], &mt)
+          && (f[2].type == MSGPACK_OBJECT_NIL || !tly_obj_uint (&f[2], &limit))
+          && !tly_quota_set_limit (q, &c, &mt, f[2].type != MSGPACK_OBJECT_NIL, limit);
+    }
+    if (ok) {
+        if (is_full) {
+            tly_quota_destroy (&self->limits);
+            self->limits = q;
+            self->limits_known = true;
+        }
+        return;
+    }
+    if (is_full && q != self->limits)
+        tly_quota_destroy (&q);
+    self->limits_lost = true;
+}
+
+/*  Keeps a LIMITS that arrived inside a group for quota_inbox. */
+static bool
+limits_defer (receipt_t *self, tly_link_msg *m)
+{
+    if (self->ndeferred == self->deferred_cap) {
+        size_t cap = self->deferred_cap ? 2 * self->deferred_cap : 4;
+        tly_link_msg *d = realloc (self->deferred, cap * sizeof *d);
+        if (!d)
+            return false;
+        self->deferred = d;
+        self->deferred_cap = cap;
+    }
+    self->deferred[self->ndeferred++] = *m;
+    return true;
+}
+
+/*  Between groups: applies the LIMITS quota sent (those kept during the
+    last group first) and drops stale verdicts, so the link never fills. */
+static void
+quota_inbox (receipt_t *self)
+{
+    for (size_t i = 0; i < self->ndeferred; i++) {
+        limits_apply (self, &self->deferred[i]);
+        tly_link_done (&self->deferred[i]);
+    }
+    self->ndeferred = 0;
+    while (zsock_events (self->quota) & ZMQ_POLLIN) {
+        tly_link_msg m;
+        int rc = tly_link_recv (self->quota, &m);
+        if (rc == TLY_OK && m.type == TLY_MSG_LIMITS)
+            limits_apply (self, &m);
+        self->limits_lost |= rc == TLY_EPROTO;  /* perhaps LIMITS too large for a link */
+        tly_link_done (&m);
+        if (rc == TLY_EIO)
+            break;
+    }
+    if (self->limits_lost) {
+        tly_error (WHO, "cannot read or hold the limits quota sent (out of memory?); every "
+                        "event goes to quota until it sends them again");
+        self->limits_lost = false;
+        self->limits_known = false;
+        send_hello (self);
     }
 }
 
@@ -242,7 +366,7 @@ judge_existing (receipt_t *self, work_t *w)
 }
 
 static int
-send_admit (receipt_t *self, uint64_t ticket)
+send_admit (receipt_t *self, uint64_t ticket, size_t nadmit)
 {
     msgpack_packer pk;
     tly_buf_reset (&self->buf);
@@ -250,8 +374,10 @@ send_admit (receipt_t *self, uint64_t ticket)
     msgpack_pack_array (&pk, 3);
     msgpack_pack_uint8 (&pk, TLY_MSG_ADMIT);
     msgpack_pack_uint64 (&pk, ticket);
-    msgpack_pack_array (&pk, (uint32_t) self->npending);
+    msgpack_pack_array (&pk, (uint32_t) nadmit);
     for (size_t k = 0; k < self->npending; k++) {
+        if (!self->work[self->pending[k]].admit)
+            continue;
         tly_item *it = &self->work[self->pending[k]].item;
         msgpack_pack_array (&pk, 4);
         tly_pack_str (&pk, it->customer.ptr, it->customer.len);
@@ -263,9 +389,9 @@ send_admit (receipt_t *self, uint64_t ticket)
 }
 
 /*  Waits for the verdict on `ticket`, answering heartbeats meanwhile.
-    Fills verdict[] (one byte per pending event). */
+    Fills verdict[] (one byte per event asked about). */
 static int
-await_verdict (receipt_t *self, uint64_t ticket, uint8_t *verdict)
+await_verdict (receipt_t *self, uint64_t ticket, uint8_t *verdict, size_t nadmit)
 {
     int64_t deadline = zclock_mono () + ADMIT_TIMEOUT_MS;
     while (zclock_mono () < deadline) {
@@ -288,11 +414,15 @@ await_verdict (receipt_t *self, uint64_t ticket, uint8_t *verdict)
         if (which == self->quota) {
             tly_link_msg m;
             int rc = tly_link_recv (self->quota, &m);
+            if (rc == TLY_OK && m.type == TLY_MSG_LIMITS && limits_defer (self, &m))
+                continue;               /* for the next group: see the top */
+            if (rc == TLY_EPROTO || (rc == TLY_OK && m.type == TLY_MSG_LIMITS))
+                self->limits_lost = true;       /* a change we could not keep */
             const msgpack_object *bin = rc ? NULL : tly_link_field (&m, 2);
             bool ours = !rc && m.type == TLY_MSG_VERDICT && m.ctx == ticket && bin
-                     && bin->type == MSGPACK_OBJECT_BIN && bin->via.bin.size == self->npending;
+                     && bin->type == MSGPACK_OBJECT_BIN && bin->via.bin.size == nadmit;
             if (ours)
-                memcpy (verdict, bin->via.bin.ptr, self->npending);
+                memcpy (verdict, bin->via.bin.ptr, nadmit);
             tly_link_done (&m);
             if (ours)
                 return TLY_OK;          /* anything else is a stale verdict */
@@ -306,20 +436,27 @@ round_flush (receipt_t *self)
 {
     if (self->npending == 0)
         return TLY_OK;
-    uint64_t ticket = ++self->next_ticket;
-    uint8_t *verdict = malloc (self->npending);
+    size_t nadmit = 0;
+    for (size_t k = 0; k < self->npending; k++)
+        nadmit += self->work[self->pending[k]].admit;
+    uint8_t *verdict = malloc (nadmit + 1);
     if (!verdict)
         return TLY_ENOMEM;
-    int64_t t0 = zclock_usecs ();
-    int rc = send_admit (self, ticket);
-    if (!rc) {
-        self->tickets[self->ntickets++] = ticket;   /* from now on it may need an ABORT */
-        rc = await_verdict (self, ticket, verdict);
+    uint64_t ticket = 0;
+    int rc = TLY_OK;
+    if (nadmit) {
+        ticket = ++self->next_ticket;
+        int64_t t0 = zclock_usecs ();
+        rc = send_admit (self, ticket, nadmit);
+        if (!rc) {
+            self->tickets[self->ntickets++] = ticket;   /* from now on it may need an ABORT */
+            rc = await_verdict (self, ticket, verdict, nadmit);
+        }
+        self->admit_us += zclock_usecs () - t0;
     }
-    self->admit_us += zclock_usecs () - t0;
-    for (size_t k = 0; k < self->npending && !rc; k++) {
+    for (size_t k = 0, a = 0; k < self->npending && !rc; k++) {
         work_t *w = &self->work[self->pending[k]];
-        if (!verdict[k]) {
+        if (w->admit && !verdict[a++]) {
             reject (w, "quota_exceeded", "the monthly limit for this customer and meter "
                                          "would be exceeded");
             continue;
@@ -336,7 +473,7 @@ round_flush (receipt_t *self)
         w->out.status = TLY_ST_ACCEPTED;
         w->out.seq = seq;
         w->out.recv_ts = self->recv_ts;
-        w->ticket = ticket;
+        w->ticket = w->admit ? ticket : 0;
     }
     free (verdict);
     self->npending = 0;
@@ -418,6 +555,10 @@ group_judge (receipt_t *self)
             break;
         rc = judge_existing (self, w);
         if (rc == 0) {
+            uint64_t limit;
+            w->admit = !self->limits_known
+                    || tly_quota_limit_for (self->limits, &w->item.customer, &w->item.meter,
+                                            &limit);
             self->pending[self->npending++] = (uint32_t) i;
             set_add (self, (uint32_t) i);
         }
@@ -445,6 +586,7 @@ group_run (receipt_t *self)
                                          "retry with the same idempotency keys");
         return;
     }
+    quota_inbox (self);         /* after seeing it run: its LIMITS precede its READY */
     uint64_t before = tly_writer_next_seq (self->writer);
     self->admit_us = 0;
     int64_t t0 = zclock_usecs ();
@@ -563,6 +705,10 @@ receipt_free (receipt_t *self)
     free (self->pending);
     free (self->set);
     free (self->tickets);
+    for (size_t i = 0; i < self->ndeferred; i++)
+        tly_link_done (&self->deferred[i]);
+    free (self->deferred);
+    tly_quota_destroy (&self->limits);
     tly_buf_free (&self->buf);
     tly_buf_free (&self->leaf);
 }
@@ -579,11 +725,18 @@ tly_receipt_actor (tly_child_ctx *ctx, void *args)
     int rc = tly_writer_open (env->store, env->pk, &self.writer, &why);
     if (!rc)
         rc = sign_empty_tree (&self);
+    if (!rc)
+        rc = tly_quota_new (&self.limits);
     if (rc) {
         tly_error (WHO, "cannot open the ledger for writing: %s (%s)", tly_strerror (rc), why);
         receipt_free (&self);
         return 1;
     }
+    /*  A late verdict for an earlier generation's ticket must never pass
+        for ours: each generation numbers from its start time in ms << 20,
+        so two overlap only past 2^20 rounds a millisecond. */
+    self.next_ticket = (uint64_t) zclock_time () << 20;
+    send_hello (&self);
     self.wait_poller = zpoller_new (tly_child_pipe (ctx), self.quota, NULL);
     zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), self.in, NULL);
     tly_info (WHO, "ready: tree size %llu",
@@ -614,12 +767,7 @@ tly_receipt_actor (tly_child_ctx *ctx, void *args)
             group_run (&self);
             group_release (&self);
         }
-        /*  Drain stale verdicts so the link never fills with them. */
-        while (zsock_events (self.quota) & ZMQ_POLLIN) {
-            tly_link_msg m;
-            tly_link_recv (self.quota, &m);
-            tly_link_done (&m);
-        }
+        quota_inbox (&self);
     }
     zpoller_destroy (&poller);
     receipt_free (&self);

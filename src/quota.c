@@ -357,6 +357,12 @@ tly_quota_each_limit (tly_quota *self, tly_limit_fn *fn, void *ctx)
     }
 }
 
+size_t
+tly_quota_limit_count (tly_quota *self)
+{
+    return zhashx_size (self->limits);
+}
+
 void
 tly_quota_each_usage (tly_quota *self, tly_usage_fn *fn, void *ctx)
 {

@@ -292,6 +292,28 @@ expect_present (fixture *fx, const char *customer, const char *key)
     E2E_OK (&fx->r);
 }
 
+//  Starts n pushers of `each` events for (customer, meter), keys prefixed
+//  <tag><i>, batches of base + step * (i % 4); the teardown stops them if
+//  the test fails first.
+static void
+pushers_start (fixture *fx, e2e_pusher *p, int n, const char *customer, const char *meter,
+               const char *tag, size_t each, size_t base, size_t step, int timeout_ms)
+{
+    for (int i = 0; i < n; i++) {
+        char prefix[16];
+        snprintf (prefix, sizeof prefix, "%s%d", tag, i);
+        assert_int_equal (e2e_pusher_init (&p[i], fx->srv->api, fx->srv->pk, customer, meter,
+                                           prefix, each, base + step * (size_t) (i % 4)),
+                          TLY_OK);
+        p[i].timeout_ms = timeout_ms;
+    }
+    for (int i = 0; i < n; i++) {
+        assert_int_equal (e2e_pusher_start (&p[i]), TLY_OK);
+        s_running = p;
+        s_nrunning = i + 1;
+    }
+}
+
 /* ---- tests ---- */
 
 static void
@@ -513,17 +535,7 @@ test_restart_under_load (void **state)
     set_quota (&fx, "load-cust", "req", "1000000000");
     enum { PUSHERS = 2, CAPACITY = 20000 };
     e2e_pusher p[PUSHERS];
-    for (int i = 0; i < PUSHERS; i++) {
-        char prefix[16];
-        snprintf (prefix, sizeof prefix, "p%d", i);
-        assert_int_equal (e2e_pusher_init (&p[i], fx.srv->api, fx.srv->pk, "load-cust",
-                                           "req", prefix, CAPACITY, 10 + 7 * (size_t) i), TLY_OK);
-    }
-    for (int i = 0; i < PUSHERS; i++) {
-        assert_int_equal (e2e_pusher_start (&p[i]), TLY_OK);
-        s_running = p;
-        s_nrunning = i + 1;
-    }
+    pushers_start (&fx, p, PUSHERS, "load-cust", "req", "p", CAPACITY, 10, 7, 2000);
     uint64_t restarts[4];
     for (size_t c = 0; c < 4; c++)
         restarts[c] = restarts_of (&fx, s_children[c]);
@@ -612,18 +624,7 @@ test_quota_race_and_restart (void **state)
     enum { THREADS = 8, EACH = 300, LIMIT = 1000 };
     set_quota (&fx, "race-cust", "calls", "1000");
     e2e_pusher p[THREADS];
-    for (int i = 0; i < THREADS; i++) {
-        char prefix[16];
-        snprintf (prefix, sizeof prefix, "r%d", i);
-        assert_int_equal (e2e_pusher_init (&p[i], fx.srv->api, fx.srv->pk, "race-cust",
-                                           "calls", prefix, EACH, 5 + 5 * (size_t) (i % 4)), TLY_OK);
-        p[i].timeout_ms = 20000;
-    }
-    for (int i = 0; i < THREADS; i++) {
-        assert_int_equal (e2e_pusher_start (&p[i]), TLY_OK);
-        s_running = p;
-        s_nrunning = i + 1;
-    }
+    pushers_start (&fx, p, THREADS, "race-cust", "calls", "r", EACH, 5, 5, 20000);
     for (int i = 0; i < THREADS; i++)
         e2e_pusher_join (&p[i]);
     s_nrunning = 0;
@@ -717,6 +718,94 @@ test_quota_race_and_restart (void **state)
     expect_all (&fx.r, 1, "accepted");
     for (int i = 0; i < THREADS; i++)
         e2e_pusher_free (&p[i]);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+//  One request of `n` events of qty 1 under fresh keys; returns how many
+//  were accepted and checks that the rest exceeded the quota.
+static size_t
+push_ones (fixture *fx, const char *customer, const char *meter, const char *tag, size_t n)
+{
+    tly_event ev[8];
+    char keys[8][32];
+    assert_true (n <= 8);
+    for (size_t i = 0; i < n; i++) {
+        snprintf (keys[i], sizeof keys[i], "%s-%zu", tag, i);
+        ev[i] = e2e_event (customer, meter, keys[i], 1, tly_now_ms ());
+    }
+    ingest_until_served (fx, ev, n);
+    size_t accepted = 0;
+    for (size_t i = 0; i < n; i++) {
+        char path[32];
+        snprintf (path, sizeof path, "results.%zu.code", i);
+        if (strcmp (status_at (&fx->r, i), "accepted") == 0)
+            accepted++;
+        else
+        if (!e2e_str_is (&fx->r.body, path, "quota_exceeded")) {
+            fprintf (stderr, "%s: %s\n", tag, e2e_reply_json (&fx->r));
+            fail ();
+        }
+    }
+    return accepted;
+}
+
+//  Events no limit applies to are admitted by receipt alone (quota counts
+//  them from the commit), so a limit set later sees all of them, takes
+//  effect with the next request, and stays in force when receipt or quota
+//  restarts (each restart re-sends receipt the limits' keys).
+static void
+test_quota_counts_unlimited (void **state)
+{
+    (void) state;
+    fixture fx;
+    fx_start (&fx);
+    enum { THREADS = 4, EACH = 250 };
+    e2e_pusher p[THREADS];
+    pushers_start (&fx, p, THREADS, "free-cust", "calls", "u", EACH, 3, 7, 2000);
+    for (int i = 0; i < THREADS; i++)
+        e2e_pusher_join (&p[i]);
+    s_nrunning = 0;
+    uint64_t total = 0;
+    for (int i = 0; i < THREADS; i++) {
+        assert_string_equal (p[i].fail, "");
+        for (size_t k = 0; k < EACH; k++) {
+            assert_int_equal (p[i].results[k].status, TLY_ACCEPTED);
+            total += p[i].events[k].qty;
+        }
+        e2e_pusher_free (&p[i]);
+    }
+    //  the next request after set_quota replies is held to the new limit
+    char limit[32];
+    snprintf (limit, sizeof limit, "%llu", (unsigned long long) total + 3);
+    set_quota (&fx, "free-cust", "calls", limit);
+    expect_quota (&fx, "free-cust", "calls", total + 3, total);
+    assert_int_equal (push_ones (&fx, "free-cust", "calls", "fill", 5), 3);
+    expect_quota (&fx, "free-cust", "calls", total + 3, total + 3);
+
+    //  a new receipt asks quota for the limits again
+    control_op (&fx, "restart_child", "receipt");
+    wait_state (&fx, "receipt", "running");
+    assert_int_equal (push_ones (&fx, "free-cust", "calls", "after-receipt", 2), 0);
+    //  a new quota sends them before it is ready
+    control_op (&fx, "restart_child", "quota");
+    wait_state (&fx, "quota", "running");
+    assert_int_equal (push_ones (&fx, "free-cust", "calls", "after-quota", 2), 0);
+    expect_quota (&fx, "free-cust", "calls", total + 3, total + 3);
+
+    //  a wildcard limit reaches customers that never had one
+    assert_int_equal (push_ones (&fx, "other-cust", "calls", "other-0", 2), 2);
+    set_quota (&fx, "*", "*", "0");
+    assert_int_equal (push_ones (&fx, "other-cust", "calls", "other-1", 2), 0);
+    assert_int_equal (push_ones (&fx, "new-cust", "disk", "new-0", 1), 0);
+    set_quota (&fx, "*", "*", "null");
+    assert_int_equal (push_ones (&fx, "new-cust", "disk", "new-1", 1), 1);
+
+    //  removed: free again, and still counted
+    set_quota (&fx, "free-cust", "calls", "null");
+    assert_int_equal (push_ones (&fx, "free-cust", "calls", "free-again", 4), 4);
+    set_quota (&fx, "free-cust", "calls", "1000000");
+    expect_quota (&fx, "free-cust", "calls", 1000000, total + 7);
     fx_finish (&fx);
     e2e_pass ();
 }
@@ -1029,6 +1118,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_restart_under_load, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_race_and_restart, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_precedence, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_quota_counts_unlimited, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_same_keys_race, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_in_batch, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_config_file, e2e_setup, fx_teardown),

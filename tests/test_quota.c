@@ -105,7 +105,9 @@ test_star_precedence (void **state)
     tly_quota *q;
     tly_quota_new (&q);
     uint64_t l;
+    assert_int_equal (tly_quota_limit_count (q), 0);
     tly_quota_set_limit (q, S ("*"), S ("*"), true, 1);
+    assert_int_equal (tly_quota_limit_count (q), 1);
     assert_true (tly_quota_limit_for (q, S ("acme"), S ("api"), &l) && l == 1);
     tly_quota_set_limit (q, S ("*"), S ("api"), true, 2);
     assert_true (tly_quota_limit_for (q, S ("acme"), S ("api"), &l) && l == 2);
@@ -116,6 +118,7 @@ test_star_precedence (void **state)
     assert_true (tly_quota_limit_for (q, S ("acme"), S ("gb"), &l) && l == 3);
     assert_true (tly_quota_limit_for (q, S ("other"), S ("api"), &l) && l == 2);
     tly_quota_set_limit (q, S ("acme"), S ("api"), true, 4);
+    assert_int_equal (tly_quota_limit_count (q), 4);
     assert_true (tly_quota_limit_for (q, S ("acme"), S ("api"), &l) && l == 4);
     assert_true (tly_quota_limit_for (q, S ("acme"), S ("gb"), &l) && l == 3);
     assert_true (tly_quota_limit_for (q, S ("other"), S ("gb"), &l) && l == 1);

@@ -53,6 +53,7 @@ void tly_quota_sub (tly_quota *self, const tly_str *customer, const tly_str *met
 typedef void (tly_limit_fn) (void *ctx, const tly_str *customer, const tly_str *meter,
                              uint64_t limit);
 void tly_quota_each_limit (tly_quota *self, tly_limit_fn *fn, void *ctx);
+size_t tly_quota_limit_count (tly_quota *self);
 typedef void (tly_usage_fn) (void *ctx, const tly_str *customer, const tly_str *meter,
                              uint64_t period, uint64_t used);
 void tly_quota_each_usage (tly_quota *self, tly_usage_fn *fn, void *ctx);
