@@ -85,11 +85,20 @@ tly_buf_append (tly_buf *self, const void *data, size_t len)
     return TLY_OK;
 }
 
-/*  msgpack-c's write callback: 0 on success, anything else on failure. */
+/*  msgpack-c's write callback: 0 on success, anything else on failure.
+    Called for every field of every message, so the common case (room
+    left) is handled here: tly_buf_append is not inlined into it in a
+    position-independent build. */
 static int
 buf_write (void *data, const char *bytes, size_t len)
 {
-    return tly_buf_append ((tly_buf *) data, bytes, len) == TLY_OK ? 0 : -1;
+    tly_buf *self = data;
+    if (len && len <= self->cap - self->len && !self->oom) {
+        memcpy (self->data + self->len, bytes, len);
+        self->len += len;
+        return 0;
+    }
+    return tly_buf_append (self, bytes, len) == TLY_OK ? 0 : -1;
 }
 
 void
