@@ -503,21 +503,28 @@ op_ingest (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpa
     }
 }
 
-/*  RESULT or FAILED from the receipt actor. */
+/*  One reply of a RESULTS message: [ctx, outcomes] or [ctx, code, message]. */
 static void
-on_receipt (ingest_t *self, tly_link_msg *m)
+on_reply (ingest_t *self, const msgpack_object *sth, const msgpack_object *reply)
 {
-    slot_t *s = slot_find (self, m->ctx);
+    uint64_t ctx;
+    if (reply->type != MSGPACK_OBJECT_ARRAY || reply->via.array.size < 2
+    ||  tly_obj_uint (&reply->via.array.ptr[0], &ctx)) {
+        tly_error (WHO, "dropping a malformed reply from receipt (a bug)");
+        return;
+    }
+    slot_t *s = slot_find (self, ctx);
     if (!s || s->kind != SLOT_INGEST)
         return;                     /* expired, or answered by an earlier generation */
     msgpack_object tmp;
     const msgpack_object *id = slot_id (self, s, &tmp);
     zmsg_t *env = s->envelope;
     s->envelope = NULL;
-    if (m->type == TLY_MSG_FAILED) {
+    const msgpack_object *f = reply->via.array.ptr;
+    if (reply->via.array.size == 3) {
         tly_str code = { "internal", 8 }, message = { "", 0 };
-        tly_obj_str (tly_link_field (m, 2), &code);
-        tly_obj_str (tly_link_field (m, 3), &message);
+        tly_obj_str (&f[1], &code);
+        tly_obj_str (&f[2], &message);
         char c[32], msg[256];
         snprintf (c, sizeof c, "%.*s", (int) code.len, code.ptr);
         snprintf (msg, sizeof msg, "%.*s", (int) message.len, message.ptr);
@@ -525,8 +532,9 @@ on_receipt (ingest_t *self, tly_link_msg *m)
         slot_free (self, s);
         return;
     }
-    const msgpack_object *sth = tly_link_field (m, 2), *outs = tly_link_field (m, 3);
-    if (m->type != TLY_MSG_RESULT || !sth || !outs || outs->type != MSGPACK_OBJECT_ARRAY) {
+    const msgpack_object *outs = &f[1];
+    if (reply->via.array.size != 2 || sth->type == MSGPACK_OBJECT_NIL
+    ||  outs->type != MSGPACK_OBJECT_ARRAY) {
         reply_error (self, &env, id, "internal", "malformed internal result (a bug)");
         slot_free (self, s);
         return;
@@ -738,9 +746,21 @@ on_request (ingest_t *self, zmsg_t *msg)
     zframe_destroy (&frame);
 }
 
-/*  Everything waiting on the link, up to BURST messages: the receipt
-    actor answers a whole group at once, and one poll per answer would
-    cost a syscall each. */
+static void
+on_receipt (ingest_t *self, tly_link_msg *m)
+{
+    const msgpack_object *sth = tly_link_field (m, 2), *replies = tly_link_field (m, 3);
+    if (m->type != TLY_MSG_RESULTS || !sth || !replies
+    ||  replies->type != MSGPACK_OBJECT_ARRAY) {
+        tly_error (WHO, "dropping a malformed message from receipt (a bug)");
+        return;
+    }
+    for (uint32_t i = 0; i < replies->via.array.size; i++)
+        on_reply (self, sth, &replies->via.array.ptr[i]);
+}
+
+/*  Everything waiting on the link, up to BURST messages: one poll per
+    message would cost a syscall each. */
 static void
 on_link (ingest_t *self, zsock_t *link)
 {

@@ -9,9 +9,10 @@
                                              dedup]...]]   dedup: the 16-byte keyed
                                   hash of (customer, key), computed by ingest so the
                                   single writer does not
-      receipt -> ingest   RESULT  [2, ctx, sth, [[idx, status, seq, recv_ts, leaf]
-                                                 | [idx, 3, code, message]...]]
-                          FAILED  [3, ctx, code, message]   the whole request failed
+      receipt -> ingest   RESULTS [4, 0, sth | nil, [reply...]]   the replies of one group
+                                  reply: [ctx, [[idx, status, seq, recv_ts, leaf]
+                                                | [idx, 3, code, message]...]]
+                                       | [ctx, code, message]   the whole request failed
       receipt -> quota    ADMIT   [10, ticket, [[customer, meter, ts, qty]...]]
       quota   -> receipt  VERDICT [11, ticket, bin (one byte per item: 1 admitted)]
       receipt -> quota    COMMIT  [12, 0, [[seq, customer, meter, ts, qty, ticket]...],
@@ -41,7 +42,7 @@
 #include "tally/store.h"
 
 enum {
-    TLY_MSG_APPEND = 1, TLY_MSG_RESULT = 2, TLY_MSG_FAILED = 3,
+    TLY_MSG_APPEND = 1, TLY_MSG_RESULTS = 4,
     TLY_MSG_ADMIT = 10, TLY_MSG_VERDICT = 11, TLY_MSG_COMMIT = 12, TLY_MSG_ABORT = 13,
     TLY_MSG_LIMITS = 14, TLY_MSG_HELLO = 15,
     TLY_MSG_QUERY = 20, TLY_MSG_USAGE = 21,

@@ -37,6 +37,7 @@
 
 #define WHO "receipt"
 #define ADMIT_TIMEOUT_MS 5000
+#define REPLY_SPLIT 16384           /* outcomes per RESULTS message, about */
 
 typedef struct {
     tly_item item;                  /* item.dedup: ingest hashed (customer, key) */
@@ -115,53 +116,57 @@ set_clear (receipt_t *self)
 
 /* ---- replies ---- */
 
+/*  The group's replies go to ingest in one RESULTS message (split past
+    REPLY_SPLIT outcomes, far below the link's limits): one wake-up of
+    ingest per group, not one per request.  `code` NULL: each request's
+    outcomes; else every request failed with code and message. */
 static void
-send_failed (receipt_t *self, uint64_t ctx, const char *code, const char *message)
+send_replies (receipt_t *self, const tly_sth *sth, const char *code, const char *message)
 {
-    msgpack_packer pk;
-    tly_buf_reset (&self->buf);
-    tly_buf_packer (&self->buf, &pk);
-    msgpack_pack_array (&pk, 4);
-    msgpack_pack_uint8 (&pk, TLY_MSG_FAILED);
-    msgpack_pack_uint64 (&pk, ctx);
-    tly_pack_cstr (&pk, code);
-    tly_pack_cstr (&pk, message);
-    tly_link_send (self->in, &self->buf, true);
+    size_t i = 0, w = 0;
+    while (i < self->nmsgs) {
+        size_t end = i, outs = 0;
+        for (size_t x = w; end < self->nmsgs && (end == i || outs < REPLY_SPLIT); end++)
+            for (; !code && x < self->nwork && self->work[x].msg == end; x++)
+                outs++;
+        msgpack_packer pk;
+        tly_buf_reset (&self->buf);
+        tly_buf_packer (&self->buf, &pk);
+        msgpack_pack_array (&pk, 4);
+        msgpack_pack_uint8 (&pk, TLY_MSG_RESULTS);
+        msgpack_pack_uint64 (&pk, 0);
+        if (code)
+            msgpack_pack_nil (&pk);
+        else
+            tly_sth_pack (sth, &pk);
+        msgpack_pack_array (&pk, (uint32_t) (end - i));
+        for (; i < end; i++) {
+            size_t first = w;
+            while (!code && w < self->nwork && self->work[w].msg == i)
+                w++;
+            if (code || self->msg_bad[i]) {
+                msgpack_pack_array (&pk, 3);
+                msgpack_pack_uint64 (&pk, self->msgs[i].ctx);
+                tly_pack_cstr (&pk, code ? code : "internal");
+                tly_pack_cstr (&pk, code ? message : "malformed internal message");
+                continue;
+            }
+            msgpack_pack_array (&pk, 2);
+            msgpack_pack_uint64 (&pk, self->msgs[i].ctx);
+            msgpack_pack_array (&pk, (uint32_t) (w - first));
+            for (size_t k = first; k < w; k++)
+                tly_outcome_pack (&pk, &self->work[k].out);
+        }
+        if (tly_link_send (self->in, &self->buf, true))
+            tly_error (WHO, "cannot hand replies to ingest (out of memory?); their clients "
+                            "will time out and retry");
+    }
 }
 
 static void
 fail_group (receipt_t *self, const char *code, const char *message)
 {
-    for (size_t i = 0; i < self->nmsgs; i++)
-        send_failed (self, self->msgs[i].ctx, code, message);
-}
-
-static void
-send_results (receipt_t *self, const tly_sth *sth)
-{
-    size_t w = 0;
-    for (size_t i = 0; i < self->nmsgs; i++) {
-        if (self->msg_bad[i]) {
-            send_failed (self, self->msgs[i].ctx, "internal", "malformed internal message");
-            continue;
-        }
-        size_t first = w;
-        while (w < self->nwork && self->work[w].msg == i)
-            w++;
-        msgpack_packer pk;
-        tly_buf_reset (&self->buf);
-        tly_buf_packer (&self->buf, &pk);
-        msgpack_pack_array (&pk, 4);
-        msgpack_pack_uint8 (&pk, TLY_MSG_RESULT);
-        msgpack_pack_uint64 (&pk, self->msgs[i].ctx);
-        tly_sth_pack (sth, &pk);
-        msgpack_pack_array (&pk, (uint32_t) (w - first));
-        for (size_t k = first; k < w; k++)
-            tly_outcome_pack (&pk, &self->work[k].out);
-        if (tly_link_send (self->in, &self->buf, true))
-            tly_error (WHO, "cannot hand a result to ingest (out of memory?); "
-                            "the client will time out and retry");
-    }
+    send_replies (self, NULL, code, message);
 }
 
 /*  One COMMIT for the group: its accepted events in seq order (work order:
@@ -625,7 +630,7 @@ group_run (receipt_t *self)
         return;
     }
     send_commits (self);
-    send_results (self, &sth);
+    send_replies (self, &sth, NULL, NULL);
 }
 
 /*  Takes everything waiting on the link, up to group_max events. */
