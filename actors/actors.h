@@ -35,6 +35,10 @@ typedef struct {
         api_returned is touched only by ingest generations, one at a time. */
     zsock_t *api_token[2];        /* [0] main end, [1] ingest end              */
     bool api_returned;
+    /*  The receipt actor's last admission ticket, kept across its
+        generations (one at a time) so a late verdict for an earlier
+        generation's ticket never passes for a new one's. */
+    uint64_t receipt_ticket;
 } tly_actor_env;
 
 int tly_receipt_actor (tly_child_ctx *ctx, void *env);

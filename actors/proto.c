@@ -105,7 +105,9 @@ tly_item_decode (const msgpack_object *o, tly_item *it)
     ||  tly_obj_str (&f[2], &it->customer) || tly_obj_str (&f[3], &it->key)
     ||  tly_obj_str (&f[4], &it->meter)
     ||  tly_obj_uint (&f[5], &it->qty) || tly_obj_uint (&f[6], &it->ts)
-    ||  f[7].type != MSGPACK_OBJECT_BIN || f[7].via.bin.size != TLY_DEDUP_LEN)
+    ||  f[7].type != MSGPACK_OBJECT_BIN || f[7].via.bin.size != TLY_DEDUP_LEN
+    ||  it->customer.len > TLY_CUSTOMER_MAX || it->key.len > TLY_KEY_MAX
+    ||  it->meter.len > TLY_METER_MAX)
         return TLY_EINVAL;
     memcpy (it->dedup, f[7].via.bin.ptr, TLY_DEDUP_LEN);
     it->idx = (uint32_t) idx;

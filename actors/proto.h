@@ -15,16 +15,18 @@
                                        | [ctx, code, message]   the whole request failed
       receipt -> quota    ADMIT   [10, ticket, [[customer, meter, ts, qty]...]]
       quota   -> receipt  VERDICT [11, ticket, bin (one byte per item: 1 admitted)]
-      receipt -> quota    COMMIT  [12, 0, [[seq, customer, meter, ts, qty, ticket]...],
-                                   [ticket...]]   one per committed group: its accepted
-                                  events in seq order (ticket 0: no limit applied, so
-                                  never admitted) and the tickets it closes
+      receipt -> quota    COMMIT  [12, first, [[seq, customer, meter, ts, qty, ticket]...],
+                                   [ticket...]]   one per committed group: its first
+                                  seq, its accepted events in seq order (ticket 0: no
+                                  limit applied, so never admitted) and the tickets it
+                                  closes
                           ABORT   [13, ticket]
                           HELLO   [15, 0]   a new receipt generation: forget the
                                   tickets of earlier ones, send LIMITS in full
-      quota   -> receipt  LIMITS  [14, 0, full, [[customer, meter, limit | nil]...]]
+      quota   -> receipt  LIMITS  [14, 0, full, [[customer, meter, limit | nil]...] | nil]
                                   the keys of the limits (full: all of them; else
-                                  changes), so events no limit applies to skip ADMIT
+                                  changes), so events no limit applies to skip ADMIT;
+                                  [14, 0, true, nil]: forget them, ask about every event
       ingest  -> quota    QUERY   [20, ctx, customer, period]
       quota   -> ingest   USAGE   [21, ctx, [[meter, limit, used]...]]  or [21, ctx, nil] (unavailable)
 

@@ -7,9 +7,17 @@
     commit) takes it back; a COMMIT forgets the ticket.  Events no limit
     applies to are admitted by receipt alone and counted here from the
     COMMIT.  For that, receipt keeps the keys of our limits: we send them
-    in full (LIMITS) before we are ready and when receipt says HELLO, and
-    each change as it happens: a new limit before it is stored, a removal
-    after, so receipt's copy never lacks a limit we enforce.
+    in full (LIMITS) once we have counted the ledger and when receipt says
+    HELLO, and each change as it happens: a new limit before it is stored,
+    a removal after, so receipt's copy never lacks a limit we enforce.
+    Before we are ready we tell receipt to forget its copy, so while we
+    count, every new event waits for us as it did before.
+
+    A COMMIT that does not fit what we know (a gap before its first seq,
+    a ticket left open, an entry we cannot read or count) means usage
+    would be inexact: we stop without a checkpoint, and the supervisor
+    restarts us to recount from the last checkpoint, which only ever
+    holds the exact usage of entries [0, counted).
 
     Durability: limits are written to our own LMDB environment
     (<data dir>/quota, one writer: us) before set_quota replies.  Usage is
@@ -52,6 +60,8 @@ typedef struct {
     MDB_dbi limits, usage, meta;
     uint64_t counted;                /* ledger entries [0, counted) are in usage */
     bool dirty;                      /* rows changed since the last snapshot */
+    bool inexact;                    /* usage is wrong: never checkpoint it */
+    bool limits_unsent;              /* receipt needs our limits in full */
     bool full_next;                  /* a write failed: snapshot every row */
     zactor_t *writer;                /* writes snapshots (see below) */
     bool writing;                    /* a snapshot is with the writer */
@@ -251,7 +261,7 @@ writer_actor (zsock_t *pipe, void *args)
 static bool
 snap_take (quota_t *self)
 {
-    if (!self->dirty || self->ntickets)
+    if (!self->dirty || self->ntickets || self->inexact)
         return false;
     tly_buf_reset (&self->snap);
     tly_buf_reserve (&self->snap, 8 + tly_quota_dirty_count (self->q) * 48);
@@ -416,9 +426,10 @@ count_ledger (quota_t *self)
         return rc;
     }
     self->dirty |= seq > from;
-    tly_info (WHO, "usage rebuilt: %llu entries were counted already, %llu more counted "
-                   "from the ledger in %lld ms", (unsigned long long) from,
-              (unsigned long long) (seq - from), (long long) (zclock_mono () - started));
+    tly_log (seq > from ? TLY_LOG_INFO : TLY_LOG_DEBUG, WHO, "usage rebuilt: %llu entries "
+             "were counted already, %llu more counted from the ledger in %lld ms",
+             (unsigned long long) from, (unsigned long long) (seq - from),
+             (long long) (zclock_mono () - started));
     return TLY_OK;
 }
 
@@ -519,23 +530,25 @@ on_admit (quota_t *self, tly_link_msg *m)
     free (verdict);
 }
 
-/*  [12, 0, [[seq, customer, meter, ts, qty, ticket]...], [ticket...]]:
+/*  [12, first, [[seq, customer, meter, ts, qty, ticket]...], [ticket...]]:
     the accepted events of one group in seq order.  Those our admission
     counted are known by their ticket; the rest (no limit applied, or a
     ticket from before our restart) are counted unless the ledger count
-    already included them. */
-static void
+    already included them.  Anything else: TLY_ECORRUPT (see the top). */
+static int
 on_commit (quota_t *self, tly_link_msg *m)
 {
     const msgpack_object *arr = tly_link_field (m, 2), *closes = tly_link_field (m, 3);
+    const char *why = NULL;
     if (!arr || arr->type != MSGPACK_OBJECT_ARRAY
-    ||  !closes || closes->type != MSGPACK_OBJECT_ARRAY) {
-        tly_error (WHO, "a malformed commit (a bug): usage may be short until a restart");
-        return;
-    }
+    ||  !closes || closes->type != MSGPACK_OBJECT_ARRAY)
+        why = "a malformed commit (a bug)";
+    else
+    if (m->ctx > self->counted)
+        why = "a commit was lost (entries before this one were never counted)";
     uint64_t top = self->counted, last = 0;
     ticket_t *t = NULL;
-    for (uint32_t i = 0; i < arr->via.array.size; i++) {
+    for (uint32_t i = 0; !why && i < arr->via.array.size; i++) {
         const msgpack_object *o = &arr->via.array.ptr[i];
         tly_str c, mt;
         uint64_t seq, ts, qty, ticket;
@@ -544,26 +557,39 @@ on_commit (quota_t *self, tly_link_msg *m)
         ||  tly_obj_str (&o->via.array.ptr[1], &c) || tly_obj_str (&o->via.array.ptr[2], &mt)
         ||  tly_obj_uint (&o->via.array.ptr[3], &ts) || tly_obj_uint (&o->via.array.ptr[4], &qty)
         ||  tly_obj_uint (&o->via.array.ptr[5], &ticket)
-        ||  c.len > TLY_CUSTOMER_MAX || mt.len > TLY_METER_MAX)
-            continue;
+        ||  c.len > TLY_CUSTOMER_MAX || mt.len > TLY_METER_MAX) {
+            why = "a malformed commit entry (a bug)";
+            break;
+        }
         if (ticket != last) {
             last = ticket;
             t = ticket ? ticket_find (self, ticket) : NULL;
         }
         if (!t && seq >= self->counted
-        &&  tly_quota_add (self->q, &c, &mt, tly_period_of (ts), qty))
-            tly_error (WHO, "out of memory counting usage: it is short until a restart");
+        &&  tly_quota_add (self->q, &c, &mt, tly_period_of (ts), qty)) {
+            why = "out of memory counting usage";
+            break;
+        }
         if (seq + 1 > top)
             top = seq + 1;
     }
-    self->counted = top;
-    self->dirty = true;
-    for (uint32_t i = 0; i < closes->via.array.size; i++) {
+    for (uint32_t i = 0; !why && i < closes->via.array.size; i++) {
         uint64_t ticket;
         if (!tly_obj_uint (&closes->via.array.ptr[i], &ticket)
         &&  (t = ticket_find (self, ticket)))
             ticket_drop (self, t);
     }
+    if (!why && self->ntickets)
+        why = "an admission was never closed (a commit or abort was lost)";
+    if (why) {
+        tly_error (WHO, "%s: usage would be inexact, so quota stops without a checkpoint; "
+                        "the supervisor restarts it to recount from the last one", why);
+        self->inexact = true;
+        return TLY_ECORRUPT;
+    }
+    self->counted = top;
+    self->dirty = true;
+    return TLY_OK;
 }
 
 static void
@@ -690,24 +716,36 @@ pack_limit (void *arg, const tly_str *c, const tly_str *m, uint64_t limit)
     msgpack_pack_uint64 (pk, limit);
 }
 
+/*  Starts a LIMITS message in self->buf, up to its list. */
+static void
+limits_head (quota_t *self, msgpack_packer *pk, bool full)
+{
+    tly_buf_reset (&self->buf);
+    tly_buf_packer (&self->buf, pk);
+    msgpack_pack_array (pk, 4);
+    msgpack_pack_uint8 (pk, TLY_MSG_LIMITS);
+    msgpack_pack_uint64 (pk, 0);
+    if (full)
+        msgpack_pack_true (pk);
+    else
+        msgpack_pack_false (pk);
+}
+
 /*  Sends receipt every limit (c NULL) or one change (set, or removed). */
 static int
 limits_send (quota_t *self, const tly_str *c, const tly_str *m, bool set, uint64_t limit)
 {
     size_t n = c ? 1 : tly_quota_limit_count (self->q);
     if (n > MAX_LIMITS_SENT) {
-        tly_warn (WHO, "%zu limits are more than receipt keeps (%d): it asks about every "
-                       "event, which is slower", n, MAX_LIMITS_SENT);
+        if (self->limits_unsent)
+            tly_warn (WHO, "%zu limits are more than receipt keeps (%d): it asks about "
+                           "every event, which is slower", n, MAX_LIMITS_SENT);
+        self->limits_unsent = false;
         return TLY_ETOOLARGE;
     }
     msgpack_packer pk;
-    tly_buf_reset (&self->buf);
-    tly_buf_packer (&self->buf, &pk);
-    msgpack_pack_array (&pk, 4);
-    msgpack_pack_uint8 (&pk, TLY_MSG_LIMITS);
-    msgpack_pack_uint64 (&pk, 0);
+    limits_head (self, &pk, !c);
     if (c) {
-        msgpack_pack_false (&pk);
         msgpack_pack_array (&pk, 1);
         msgpack_pack_array (&pk, 3);
         tly_pack_str (&pk, c->ptr, c->len);
@@ -718,11 +756,24 @@ limits_send (quota_t *self, const tly_str *c, const tly_str *m, bool set, uint64
             msgpack_pack_nil (&pk);
     }
     else {
-        msgpack_pack_true (&pk);
         msgpack_pack_array (&pk, (uint32_t) n);
         tly_quota_each_limit (self->q, pack_limit, &pk);
     }
-    return tly_link_send (self->env->receipt_quota[1], &self->buf, false);
+    int rc = tly_link_send (self->env->receipt_quota[1], &self->buf, false);
+    if (!c)
+        self->limits_unsent = rc != TLY_OK;     /* tried again every second */
+    return rc;
+}
+
+/*  Tells receipt to forget its copy of our limits: until we send them in
+    full, it asks us about every event. */
+static int
+limits_forget (quota_t *self)
+{
+    msgpack_packer pk;
+    limits_head (self, &pk, true);
+    msgpack_pack_nil (&pk);
+    return tly_link_send (self->env->receipt_quota[1], &self->buf, true);
 }
 
 /*  HELLO: a new receipt generation.  Tickets still open are from earlier
@@ -743,6 +794,7 @@ on_hello (quota_t *self)
         ticket_drop (self, t);
     }
     int rc = count_ledger (self);
+    self->limits_unsent = true;
     if (!rc)
         limits_send (self, NULL, NULL, false, 0);
     return rc;
@@ -877,7 +929,11 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
     if (!rc && !(self.writer = zactor_new (writer_actor, &self)))
         rc = TLY_ENOMEM;
     if (!rc) tly_quota_clean (self.q);       /* loaded rows are on disk already */
-    if (!rc) limits_send (&self, NULL, NULL, false, 0);   /* before READY: see receipt.c */
+    if (!rc && limits_forget (&self)) {     /* before READY: see the top */
+        tly_error (WHO, "cannot reach the receipt actor; the supervisor will retry");
+        quota_free (&self);
+        return 1;
+    }
     if (rc) {
         tly_error (WHO, "cannot start: %s; check <data dir>/quota", tly_strerror (rc));
         quota_free (&self);
@@ -890,6 +946,8 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
         quota_free (&self);
         return rc == TLY_EUNAVAIL ? 0 : 1;
     }
+    self.limits_unsent = true;
+    limits_send (&self, NULL, NULL, false, 0);
     zsock_t *from_receipt = env->receipt_quota[1], *from_ingest = env->ingest_quota[1];
     /*  The writer before the links: zpoller returns the first ready
         socket, and busy links must not keep its answer waiting. */
@@ -912,7 +970,7 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
             if (tly_link_recv (which, &m) == TLY_OK) {
                 switch (m.type) {
                     case TLY_MSG_ADMIT:  on_admit (&self, &m); break;
-                    case TLY_MSG_COMMIT: on_commit (&self, &m); break;
+                    case TLY_MSG_COMMIT: rc = on_commit (&self, &m); break;
                     case TLY_MSG_ABORT:  on_abort (&self, &m); break;
                     case TLY_MSG_QUERY:  on_query (&self, &m); break;
                     case TLY_MSG_HELLO:  rc = on_hello (&self); break;
@@ -927,6 +985,8 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
         if (which == self.writer)
             on_written (&self);
         if (zclock_mono () >= next_checkpoint) {
+            if (self.limits_unsent)
+                limits_send (&self, NULL, NULL, false, 0);
             checkpoint (&self);
             next_checkpoint = zclock_mono () + checkpoint_delay (&self);
         }

@@ -66,7 +66,6 @@ typedef struct {
     size_t set_cap;
     uint64_t *tickets;              /* rounds admitted in this group */
     size_t ntickets;
-    uint64_t next_ticket;
     tly_quota *limits;              /* the keys of quota's limits (values unused) */
     bool limits_known;              /* a full LIMITS arrived: limits is usable */
     bool limits_lost;               /* a LIMITS was dropped: ask for them again */
@@ -77,6 +76,7 @@ typedef struct {
     tly_buf buf;
     tly_buf leaf;
     bool term;
+    long lose_commit;               /* tests: drop the COMMIT of this group (1 = next) */
 } receipt_t;
 
 /* ---- the round set: which keys are new in this round ---- */
@@ -169,22 +169,27 @@ fail_group (receipt_t *self, const char *code, const char *message)
     send_replies (self, NULL, code, message);
 }
 
-/*  One COMMIT for the group: its accepted events in seq order (work order:
-    rounds append in turn), each with the ticket that admitted it. */
+/*  One COMMIT for the group: its first seq, its accepted events in seq
+    order (work order: rounds append in turn), each with the ticket that
+    admitted it, and the tickets it closes. */
 static void
-send_commits (receipt_t *self)
+send_commits (receipt_t *self, uint64_t first)
 {
     uint32_t n = 0;
     for (size_t w = 0; w < self->nwork; w++)
         n += self->work[w].out.status == TLY_ST_ACCEPTED;
     if (n == 0 && self->ntickets == 0)
         return;
+    if (self->lose_commit && --self->lose_commit == 0) {
+        tly_warn (WHO, "TALLY_TEST_LOSE_COMMIT: not telling quota of %u events", n);
+        return;
+    }
     msgpack_packer pk;
     tly_buf_reset (&self->buf);
     tly_buf_packer (&self->buf, &pk);
     msgpack_pack_array (&pk, 4);
     msgpack_pack_uint8 (&pk, TLY_MSG_COMMIT);
-    msgpack_pack_uint64 (&pk, 0);
+    msgpack_pack_uint64 (&pk, first);
     msgpack_pack_array (&pk, n);
     for (size_t w = 0; w < self->nwork; w++) {
         work_t *x = &self->work[w];
@@ -202,8 +207,8 @@ send_commits (receipt_t *self)
     for (size_t t = 0; t < self->ntickets; t++)
         msgpack_pack_uint64 (&pk, self->tickets[t]);
     if (tly_link_send (self->quota, &self->buf, true))
-        tly_error (WHO, "cannot hand a commit to quota: its usage is short until it "
-                        "recounts; run `tally ctl restart_child receipt`");
+        tly_error (WHO, "cannot hand a commit to quota; it will see the gap at the next "
+                        "one and restart to recount usage from the ledger");
 }
 
 static void
@@ -233,8 +238,11 @@ send_hello (receipt_t *self)
     msgpack_pack_array (&pk, 2);
     msgpack_pack_uint8 (&pk, TLY_MSG_HELLO);
     msgpack_pack_uint64 (&pk, 0);
-    if (tly_link_send (self->quota, &self->buf, true))
-        tly_warn (WHO, "cannot ask quota for its limits; every event goes to quota");
+    if (tly_link_send (self->quota, &self->buf, true)) {
+        tly_warn (WHO, "cannot ask quota for its limits; every event goes to quota "
+                       "until it can");
+        self->limits_lost = true;           /* quota_inbox asks again */
+    }
 }
 
 /*  Applies a LIMITS message to our copy.  What we cannot read or hold
@@ -244,6 +252,11 @@ static void
 limits_apply (receipt_t *self, const tly_link_msg *m)
 {
     const msgpack_object *full = tly_link_field (m, 2), *arr = tly_link_field (m, 3);
+    if (full && full->type == MSGPACK_OBJECT_BOOLEAN && full->via.boolean
+    &&  arr && arr->type == MSGPACK_OBJECT_NIL) {
+        self->limits_known = false;         /* a new quota, counting: ask it everything */
+        return;
+    }
     bool ok = full && full->type == MSGPACK_OBJECT_BOOLEAN
            && arr && arr->type == MSGPACK_OBJECT_ARRAY;
     bool is_full = ok && full->via.boolean;
@@ -450,7 +463,7 @@ round_flush (receipt_t *self)
     uint64_t ticket = 0;
     int rc = TLY_OK;
     if (nadmit) {
-        ticket = ++self->next_ticket;
+        ticket = ++self->env->receipt_ticket;
         int64_t t0 = zclock_usecs ();
         rc = send_admit (self, ticket, nadmit);
         if (!rc) {
@@ -629,7 +642,7 @@ group_run (receipt_t *self)
         }
         return;
     }
-    send_commits (self);
+    send_commits (self, before);
     send_replies (self, &sth, NULL, NULL);
 }
 
@@ -737,10 +750,9 @@ tly_receipt_actor (tly_child_ctx *ctx, void *args)
         receipt_free (&self);
         return 1;
     }
-    /*  A late verdict for an earlier generation's ticket must never pass
-        for ours: each generation numbers from its start time in ms << 20,
-        so two overlap only past 2^20 rounds a millisecond. */
-    self.next_ticket = (uint64_t) zclock_time () << 20;
+    /*  A fault for tests to inject: quota must notice the lost COMMIT. */
+    const char *lose = getenv ("TALLY_TEST_LOSE_COMMIT");
+    self.lose_commit = lose ? atol (lose) : 0;
     send_hello (&self);
     self.wait_poller = zpoller_new (tly_child_pipe (ctx), self.quota, NULL);
     zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), self.in, NULL);
