@@ -13,7 +13,7 @@
                                   reply: [ctx, [[idx, status, seq, recv_ts, leaf]
                                                 | [idx, 3, code, message]...]]
                                        | [ctx, code, message]   the whole request failed
-      receipt -> quota    ADMIT   [10, ticket, [[customer, meter, ts, qty]...]]
+      receipt -> quota    ADMIT   [10, ticket, [[customer, meter, ts, qty]...], first]
       quota   -> receipt  VERDICT [11, ticket, bin (one byte per item: 1 admitted)]
       receipt -> quota    COMMIT  [12, first, [[seq, customer, meter, ts, qty, ticket]...],
                                    [ticket...]]   one per committed group: its first

@@ -13,11 +13,14 @@
     Before we are ready we tell receipt to forget its copy, so while we
     count, every new event waits for us as it did before.
 
-    A COMMIT that does not fit what we know (a gap before its first seq,
-    a ticket left open, an entry we cannot read or count) means usage
-    would be inexact: we stop without a checkpoint, and the supervisor
-    restarts us to recount from the last checkpoint, which only ever
-    holds the exact usage of entries [0, counted).
+    ADMIT and COMMIT carry their group's first seq.  If a COMMIT or ABORT
+    before it never reached us (a gap after `counted`, or a ticket of
+    another group still open), we make up for it before judging or
+    counting: take back those tickets' usage and count the ledger up to
+    that seq (resync).  A message we cannot read, or usage we cannot
+    count, means usage would be inexact: we stop without a checkpoint,
+    and the supervisor restarts us to recount from the last checkpoint,
+    which only ever holds the exact usage of entries [0, counted).
 
     Durability: limits are written to our own LMDB environment
     (<data dir>/quota, one writer: us) before set_quota replies.  Usage is
@@ -44,6 +47,7 @@
 
 typedef struct {
     uint64_t id;
+    uint64_t first;                  /* the first seq of the group that asked */
     uint32_t n;
     struct {
         tly_str customer, meter;     /* borrowed from our own copy in `data` */
@@ -369,13 +373,14 @@ serve_pipe (quota_t *self)
     return true;
 }
 
-/*  Counts the ledger's entries after the checkpoint, in slices, answering
+/*  Counts the ledger's entries from `counted` up to `until` (or its end),
+    in slices, answering
     heartbeats in between: a large ledger with an old (or no) checkpoint
     takes seconds.  Until it is done, admissions wait on the link (the
     receipt actor answers `unavailable` after its timeout).  TLY_EUNAVAIL
     when told to stop meanwhile. */
 static int
-count_ledger (quota_t *self)
+count_ledger (quota_t *self, uint64_t until)
 {
     tly_reader *r;
     int rc = tly_reader_new (self->env->store, &r);
@@ -391,6 +396,16 @@ count_ledger (quota_t *self)
         if ((rc = tly_reader_begin (r)))
             break;
         size = tly_reader_size (r);
+        if (size > until)
+            size = until;
+        if (seq > size) {
+            tly_reader_end (r);
+            tly_error (WHO, "usage covers %llu entries but the ledger has %llu (was an older "
+                            "ledger restored?); move <data dir>/quota away to recount it",
+                       (unsigned long long) seq, (unsigned long long) size);
+            rc = TLY_ECORRUPT;
+            break;
+        }
         uint64_t stop = size - seq > COUNT_SLICE ? seq + COUNT_SLICE : size;
         for (; !rc && seq < stop; seq++) {
             const uint8_t *leaf;
@@ -462,15 +477,58 @@ ticket_drop (quota_t *self, ticket_t *t)
 
 /* ---- messages from the receipt actor ---- */
 
-static void
+/*  Makes usage exact again before judging or counting for the group that
+    starts at seq `first`, when a COMMIT or ABORT before it was lost: the
+    usage of tickets from other groups is taken back (they committed or
+    not, we cannot tell) and the ledger is counted from `counted` up to
+    `until`, which covers every entry we were never told of.  Every
+    message of the earlier groups precedes this group's on the link. */
+static int
+resync (quota_t *self, uint64_t first, uint64_t until)
+{
+    for (size_t i = 0; i < self->ntickets; ) {
+        ticket_t *t = &self->tickets[i];
+        if (t->first == first) {
+            i++;
+            continue;
+        }
+        for (uint32_t k = 0; k < t->n; k++)
+            tly_quota_sub (self->q, &t->items[k].customer, &t->items[k].meter,
+                           t->items[k].period, t->items[k].qty);
+        ticket_drop (self, t);
+    }
+    return count_ledger (self, until);
+}
+
+/*  Whether a group starting at `first` finds us missing something. */
+static bool
+out_of_step (quota_t *self, uint64_t first)
+{
+    if (first > self->counted)
+        return true;
+    for (size_t i = 0; i < self->ntickets; i++)
+        if (self->tickets[i].first != first)
+            return true;
+    return false;
+}
+
+static int
 on_admit (quota_t *self, tly_link_msg *m)
 {
     const msgpack_object *arr = tly_link_field (m, 2);
-    if (!arr || arr->type != MSGPACK_OBJECT_ARRAY)
-        return;
+    uint64_t first;
+    if (!arr || arr->type != MSGPACK_OBJECT_ARRAY || tly_obj_uint (tly_link_field (m, 3), &first))
+        return TLY_OK;              /* no verdict: receipt times out and fails the group */
+    if (out_of_step (self, first)) {
+        tly_warn (WHO, "a commit or abort never reached us; counting the ledger up to "
+                       "entry %llu before admitting more", (unsigned long long) first);
+        int rc = resync (self, first, first);
+        if (rc)
+            return rc;
+    }
     uint32_t n = arr->via.array.size;
     uint8_t *verdict = calloc (n + 1, 1);
-    ticket_t t = { .id = m->ctx, .n = 0 };
+    ticket_t t = { .id = m->ctx, .first = first, .n = 0 };
     size_t bytes = 0;
     for (uint32_t i = 0; i < n; i++) {
         const msgpack_object *f = arr->via.array.ptr[i].via.array.ptr;
@@ -528,13 +586,15 @@ on_admit (quota_t *self, tly_link_msg *m)
     tly_pack_bin (&pk, verdict ? verdict : (uint8_t *) "", verdict ? n : 0);
     tly_link_send (self->env->receipt_quota[1], &self->buf, true);
     free (verdict);
+    return TLY_OK;
 }
 
 /*  [12, first, [[seq, customer, meter, ts, qty, ticket]...], [ticket...]]:
     the accepted events of one group in seq order.  Those our admission
     counted are known by their ticket; the rest (no limit applied, or a
     ticket from before our restart) are counted unless the ledger count
-    already included them.  Anything else: TLY_ECORRUPT (see the top). */
+    already included them.  A COMMIT or ABORT lost before it is made up
+    for first (resync); what cannot be is TLY_ECORRUPT (see the top). */
 static int
 on_commit (quota_t *self, tly_link_msg *m)
 {
@@ -544,8 +604,13 @@ on_commit (quota_t *self, tly_link_msg *m)
     ||  !closes || closes->type != MSGPACK_OBJECT_ARRAY)
         why = "a malformed commit (a bug)";
     else
-    if (m->ctx > self->counted)
-        why = "a commit was lost (entries before this one were never counted)";
+    if (out_of_step (self, m->ctx)) {
+        tly_warn (WHO, "a commit or abort never reached us; counting the ledger up to "
+                       "entry %llu", (unsigned long long) m->ctx);
+        int rc = resync (self, m->ctx, m->ctx);
+        if (rc)
+            return rc;
+    }
     uint64_t top = self->counted, last = 0;
     ticket_t *t = NULL;
     for (uint32_t i = 0; !why && i < arr->via.array.size; i++) {
@@ -580,7 +645,7 @@ on_commit (quota_t *self, tly_link_msg *m)
             ticket_drop (self, t);
     }
     if (!why && self->ntickets)
-        why = "an admission was never closed (a commit or abort was lost)";
+        why = "a commit left its own admission open (a bug)";
     if (why) {
         tly_error (WHO, "%s: usage would be inexact, so quota stops without a checkpoint; "
                         "the supervisor restarts it to recount from the last one", why);
@@ -786,14 +851,7 @@ on_hello (quota_t *self)
     if (self->ntickets)
         tly_warn (WHO, "a new receipt generation: %zu rounds of the last one never closed; "
                        "counting their entries from the ledger", self->ntickets);
-    while (self->ntickets) {
-        ticket_t *t = &self->tickets[0];
-        for (uint32_t k = 0; k < t->n; k++)
-            tly_quota_sub (self->q, &t->items[k].customer, &t->items[k].meter,
-                           t->items[k].period, t->items[k].qty);
-        ticket_drop (self, t);
-    }
-    int rc = count_ledger (self);
+    int rc = resync (self, UINT64_MAX, UINT64_MAX);
     self->limits_unsent = true;
     if (!rc)
         limits_send (self, NULL, NULL, false, 0);
@@ -941,7 +999,7 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
     }
     /*  Ready before the recount: it may take long on a big ledger. */
     tly_child_ready (ctx);
-    rc = count_ledger (&self);
+    rc = count_ledger (&self, UINT64_MAX);
     if (rc) {
         quota_free (&self);
         return rc == TLY_EUNAVAIL ? 0 : 1;
@@ -967,9 +1025,16 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
         else
         if (which == from_receipt || which == from_ingest) {
             tly_link_msg m;
-            if (tly_link_recv (which, &m) == TLY_OK) {
+            int r = tly_link_recv (which, &m);
+            if (r == TLY_EPROTO && which == from_receipt) {
+                tly_error (WHO, "a message from receipt we cannot read (a bug): usage would "
+                                "be inexact, so quota stops without a checkpoint and recounts");
+                self.inexact = true;
+                rc = TLY_ECORRUPT;
+            }
+            if (r == TLY_OK) {
                 switch (m.type) {
-                    case TLY_MSG_ADMIT:  on_admit (&self, &m); break;
+                    case TLY_MSG_ADMIT:  rc = on_admit (&self, &m); break;
                     case TLY_MSG_COMMIT: rc = on_commit (&self, &m); break;
                     case TLY_MSG_ABORT:  on_abort (&self, &m); break;
                     case TLY_MSG_QUERY:  on_query (&self, &m); break;

@@ -73,6 +73,7 @@ typedef struct {
     size_t ndeferred, deferred_cap;
     uint64_t recv_ts;
     int64_t admit_us;               /* time spent waiting for quota, this group */
+    uint64_t first;                 /* the group's first seq, in ADMIT and COMMIT */
     tly_buf buf;
     tly_buf leaf;
     bool term;
@@ -389,7 +390,7 @@ send_admit (receipt_t *self, uint64_t ticket, size_t nadmit)
     msgpack_packer pk;
     tly_buf_reset (&self->buf);
     tly_buf_packer (&self->buf, &pk);
-    msgpack_pack_array (&pk, 3);
+    msgpack_pack_array (&pk, 4);
     msgpack_pack_uint8 (&pk, TLY_MSG_ADMIT);
     msgpack_pack_uint64 (&pk, ticket);
     msgpack_pack_array (&pk, (uint32_t) nadmit);
@@ -403,6 +404,7 @@ send_admit (receipt_t *self, uint64_t ticket, size_t nadmit)
         msgpack_pack_uint64 (&pk, it->ts);
         msgpack_pack_uint64 (&pk, it->qty);
     }
+    msgpack_pack_uint64 (&pk, self->first);
     return tly_link_send (self->quota, &self->buf, true);
 }
 
@@ -605,7 +607,7 @@ group_run (receipt_t *self)
         return;
     }
     quota_inbox (self);         /* after seeing it run: its LIMITS precede its READY */
-    uint64_t before = tly_writer_next_seq (self->writer);
+    uint64_t before = self->first = tly_writer_next_seq (self->writer);
     self->admit_us = 0;
     int64_t t0 = zclock_usecs ();
     rc = group_judge (self);

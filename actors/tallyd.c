@@ -19,6 +19,7 @@
 #include "proto.h"
 
 #define WHO "tallyd"
+#define GROUP_MAX_MAX 1000000
 #define EXIT_ESCALATED 70
 
 typedef struct {
@@ -63,7 +64,7 @@ usage (FILE *out)
 "  --log-level LEVEL       debug, info, warn or error [info]\n"
 "  --map-size-gb N         LMDB map size: the ledger's maximum size [256]\n"
 "  --request-max-mb N      larger requests get too_large [16]\n"
-"  --group-max N           most events in one commit [50000]\n"
+"  --group-max N           most events in one commit, up to 1000000 [50000]\n"
 "  --strategy S            one_for_one, one_for_all or rest_for_one [one_for_one]\n"
 "  --intensity N           restarts allowed ... [5]\n"
 "  --period SECS           ... within this many seconds, else exit 70 [30]\n"
@@ -622,6 +623,12 @@ main (int argc, char **argv)
     ||  opt.map_size_gb == 0 || opt.heartbeat_ms == 0) {
         fprintf (stderr, "tallyd: verify-interval, group-max, request-max-mb, map-size-gb "
                          "and heartbeat-ms must be at least 1\n");
+        return 1;
+    }
+    if (opt.group_max > GROUP_MAX_MAX) {
+        /*  A group's messages between actors must stay far below a link
+            message's limit (8M objects; a COMMIT entry is 7). */
+        fprintf (stderr, "tallyd: group-max must be at most %d\n", GROUP_MAX_MAX);
         return 1;
     }
     if (opt.verify_cpu == 0 || opt.verify_cpu > 100) {
