@@ -69,6 +69,9 @@ fx_teardown (void **state)
     return e2e_teardown (state);
 }
 
+/*  Tests keep their fixture in static storage: after a failed assert
+    cmocka leaves the test by longjmp and runs fx_teardown, which must
+    not follow s_fx into a dead stack frame. */
 static void
 fx_start (fixture *fx)
 {
@@ -320,7 +323,7 @@ static void
 test_children_and_status (void **state)
 {
     (void) state;
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);
     uint64_t now = tly_now_ms ();
 
@@ -432,7 +435,7 @@ static void
 test_terminate_and_restart (void **state)
 {
     (void) state;
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);
     uint64_t now = tly_now_ms ();
     tly_event evs[20];
@@ -530,7 +533,7 @@ static void
 test_restart_under_load (void **state)
 {
     (void) state;
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);
     set_quota (&fx, "load-cust", "req", "1000000000");
     enum { PUSHERS = 2, CAPACITY = 20000 };
@@ -619,7 +622,7 @@ static void
 test_quota_race_and_restart (void **state)
 {
     (void) state;
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);
     enum { THREADS = 8, EACH = 300, LIMIT = 1000 };
     set_quota (&fx, "race-cust", "calls", "1000");
@@ -758,7 +761,7 @@ static void
 test_quota_counts_unlimited (void **state)
 {
     (void) state;
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);
     enum { THREADS = 4, EACH = 250 };
     e2e_pusher p[THREADS];
@@ -819,7 +822,7 @@ test_quota_lost_commit (void **state)
 {
     (void) state;
     setenv ("TALLY_TEST_LOSE_COMMIT", "3", 1);
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);
     unsetenv ("TALLY_TEST_LOSE_COMMIT");
     uint64_t before = restarts_of (&fx, "quota");
@@ -869,7 +872,7 @@ static void
 test_quota_precedence (void **state)
 {
     (void) state;
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);
     set_quota (&fx, "*", "*", "2");
     set_quota (&fx, "*", "disk", "5");
@@ -939,7 +942,7 @@ static void
 test_same_keys_race (void **state)
 {
     (void) state;
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);
     enum { RACERS = 6, KEYS = 600 };
     e2e_pusher p[RACERS];
@@ -1012,7 +1015,7 @@ static void
 test_quota_in_batch (void **state)
 {
     (void) state;
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);
     set_quota (&fx, "batch-cust", "m", "10");
     uint64_t now = tly_now_ms ();
@@ -1063,7 +1066,7 @@ static void
 test_status_polling_does_not_starve_scrubber (void **state)
 {
     (void) state;
-    fixture fx;
+    static fixture fx;
     fx_start (&fx);          //  --verify-interval 2
     tly_event ev = e2e_event ("poll-cust", "m", "p0", 1, tly_now_ms ());
     ingest_raw (&fx, &ev, 1);
