@@ -853,7 +853,7 @@ worker_run (void *arg)
                 while (w->inflight[c] < w->cap && more_to_send (w, now)
                        && send_request (w, c, now))
                     now = bc_now_ns ();
-        drain (w);
+        unsigned got = drain (w);
         now = bc_now_ns ();
         if (w->inflight_total == 0 && !more_to_send (w, now))
             break;
@@ -863,7 +863,11 @@ worker_run (void *arg)
             atomic_fetch_add_explicit (&w->bad, 1, memory_order_relaxed);
             break;
         }
-        wait_sockets (w, next_due);
+        /*  Replies free request slots: send again before sleeping, or a
+            connection waits for the next reply on another one (with a
+            single connection, for the 100 ms poll timeout). */
+        if (got == 0)
+            wait_sockets (w, next_due);
     }
     return NULL;
 }
