@@ -15,12 +15,14 @@
          that one is settled.  An event no limit applies to is admitted
          here, with no round trip, and quota counts it from the COMMIT;
       3. append: seq, leaf bytes, leaf hash, Merkle nodes, dedup record.
-    Then commit, COMMIT to quota, RESULT to ingest.  A reply never precedes
-    the fsync.  Any failure aborts the whole group: nothing is half-written
-    and every request in it gets a FAILED reply its client can retry.
+    Then commit, COMMIT to quota, and one RESULTS to ingest with every
+    request's replies.  A reply never precedes the fsync.  Any failure
+    aborts the whole group: nothing is half-written and every request in
+    it gets a failure its client can retry.
 
     Which events need quota: we keep the keys of the limits, sent by quota
-    (LIMITS: in full when either of us starts, then each change).  Quota
+    (LIMITS: in full once it has counted the ledger, after our HELLO, then
+    each change; a new quota first tells us to forget them).  Quota
     announces a new limit before it stores it and a removal after, so our
     copy holds at least every limit quota enforces; an extra key only costs
     a round trip.  The copy changes only between groups, so every event of
