@@ -470,11 +470,7 @@ op_ingest (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpa
     s->why = why;
     /*  Pass 2: the APPEND message, valid events only, in order. */
     msgpack_packer pk;
-    tly_buf_reset (&self->msg);
-    tly_buf_packer (&self->msg, &pk);
-    msgpack_pack_array (&pk, 3);
-    msgpack_pack_uint8 (&pk, TLY_MSG_APPEND);
-    msgpack_pack_uint64 (&pk, slot_ctx (self, s));
+    tly_link_begin (&self->msg, &pk, 3, TLY_MSG_APPEND, slot_ctx (self, s));
     msgpack_pack_array (&pk, valid);
     for (uint32_t i = 0; i < n; i++) {
         if (why[i])
@@ -616,11 +612,7 @@ op_quota (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpac
     s->customer_len = customer.len;
     s->period = tly_period_of (tly_now_ms ());
     msgpack_packer pk;
-    tly_buf_reset (&self->msg);
-    tly_buf_packer (&self->msg, &pk);
-    msgpack_pack_array (&pk, 4);
-    msgpack_pack_uint8 (&pk, TLY_MSG_QUERY);
-    msgpack_pack_uint64 (&pk, slot_ctx (self, s));
+    tly_link_begin (&self->msg, &pk, 4, TLY_MSG_QUERY, slot_ctx (self, s));
     tly_pack_str (&pk, customer.ptr, customer.len);
     msgpack_pack_uint64 (&pk, s->period);
     if (!s->customer || tly_link_send (self->quota, &self->msg, false)) {

@@ -38,6 +38,16 @@ tly_link_done (tly_link_msg *m)
     }
 }
 
+void
+tly_link_begin (tly_buf *buf, msgpack_packer *pk, uint32_t fields, int type, uint64_t ctx)
+{
+    tly_buf_reset (buf);
+    tly_buf_packer (buf, pk);
+    msgpack_pack_array (pk, fields);
+    msgpack_pack_uint8 (pk, (uint8_t) type);
+    msgpack_pack_uint64 (pk, ctx);
+}
+
 int
 tly_link_send (zsock_t *link, const tly_buf *buf, bool wait)
 {

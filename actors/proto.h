@@ -88,6 +88,9 @@ typedef struct {
     discarded) or TLY_EIO (interrupted). */
 int tly_link_recv (zsock_t *link, tly_link_msg *m);
 void tly_link_done (tly_link_msg *m);
+/*  Starts a link message in buf: resets it, points pk at it and packs the
+    array of `fields` elements with its first two, type and ctx. */
+void tly_link_begin (tly_buf *buf, msgpack_packer *pk, uint32_t fields, int type, uint64_t ctx);
 /*  Sends buf as one frame; TLY_EUNAVAIL when the link is full (non-blocking). */
 int tly_link_send (zsock_t *link, const tly_buf *buf, bool wait);
 

@@ -578,11 +578,7 @@ on_admit (quota_t *self, tly_link_msg *m)
                    MAX_TICKETS);
     }
     msgpack_packer pk;
-    tly_buf_reset (&self->buf);
-    tly_buf_packer (&self->buf, &pk);
-    msgpack_pack_array (&pk, 3);
-    msgpack_pack_uint8 (&pk, TLY_MSG_VERDICT);
-    msgpack_pack_uint64 (&pk, m->ctx);
+    tly_link_begin (&self->buf, &pk, 3, TLY_MSG_VERDICT, m->ctx);
     tly_pack_bin (&pk, verdict ? verdict : (uint8_t *) "", verdict ? n : 0);
     tly_link_send (self->env->receipt_quota[1], &self->buf, true);
     free (verdict);
@@ -740,11 +736,7 @@ on_query (quota_t *self, tly_link_msg *m)
     tly_quota_each_usage (self->q, query_usage, &qc);
 
     msgpack_packer pk;
-    tly_buf_reset (&self->buf);
-    tly_buf_packer (&self->buf, &pk);
-    msgpack_pack_array (&pk, 3);
-    msgpack_pack_uint8 (&pk, TLY_MSG_USAGE);
-    msgpack_pack_uint64 (&pk, m->ctx);
+    tly_link_begin (&self->buf, &pk, 3, TLY_MSG_USAGE, m->ctx);
     msgpack_pack_array (&pk, (uint32_t) zhashx_size (qc.meters) + qc.wildcard);
     for (void *v = zhashx_first (qc.meters); v; v = zhashx_next (qc.meters)) {
         const char *name = zhashx_cursor (qc.meters);
@@ -785,11 +777,7 @@ pack_limit (void *arg, const tly_str *c, const tly_str *m, uint64_t limit)
 static void
 limits_head (quota_t *self, msgpack_packer *pk, bool full)
 {
-    tly_buf_reset (&self->buf);
-    tly_buf_packer (&self->buf, pk);
-    msgpack_pack_array (pk, 4);
-    msgpack_pack_uint8 (pk, TLY_MSG_LIMITS);
-    msgpack_pack_uint64 (pk, 0);
+    tly_link_begin (&self->buf, pk, 4, TLY_MSG_LIMITS, 0);
     if (full)
         msgpack_pack_true (pk);
     else

@@ -133,11 +133,7 @@ send_replies (receipt_t *self, const tly_sth *sth, const char *code, const char 
             for (; !code && x < self->nwork && self->work[x].msg == end; x++)
                 outs++;
         msgpack_packer pk;
-        tly_buf_reset (&self->buf);
-        tly_buf_packer (&self->buf, &pk);
-        msgpack_pack_array (&pk, 4);
-        msgpack_pack_uint8 (&pk, TLY_MSG_RESULTS);
-        msgpack_pack_uint64 (&pk, 0);
+        tly_link_begin (&self->buf, &pk, 4, TLY_MSG_RESULTS, 0);
         if (code)
             msgpack_pack_nil (&pk);
         else
@@ -188,11 +184,7 @@ send_commits (receipt_t *self, uint64_t first)
         return;
     }
     msgpack_packer pk;
-    tly_buf_reset (&self->buf);
-    tly_buf_packer (&self->buf, &pk);
-    msgpack_pack_array (&pk, 4);
-    msgpack_pack_uint8 (&pk, TLY_MSG_COMMIT);
-    msgpack_pack_uint64 (&pk, first);
+    tly_link_begin (&self->buf, &pk, 4, TLY_MSG_COMMIT, first);
     msgpack_pack_array (&pk, n);
     for (size_t w = 0; w < self->nwork; w++) {
         work_t *x = &self->work[w];
@@ -219,11 +211,7 @@ send_aborts (receipt_t *self)
 {
     for (size_t t = 0; t < self->ntickets; t++) {
         msgpack_packer pk;
-        tly_buf_reset (&self->buf);
-        tly_buf_packer (&self->buf, &pk);
-        msgpack_pack_array (&pk, 2);
-        msgpack_pack_uint8 (&pk, TLY_MSG_ABORT);
-        msgpack_pack_uint64 (&pk, self->tickets[t]);
+        tly_link_begin (&self->buf, &pk, 2, TLY_MSG_ABORT, self->tickets[t]);
         tly_link_send (self->quota, &self->buf, true);
     }
 }
@@ -236,11 +224,7 @@ static void
 send_hello (receipt_t *self)
 {
     msgpack_packer pk;
-    tly_buf_reset (&self->buf);
-    tly_buf_packer (&self->buf, &pk);
-    msgpack_pack_array (&pk, 2);
-    msgpack_pack_uint8 (&pk, TLY_MSG_HELLO);
-    msgpack_pack_uint64 (&pk, 0);
+    tly_link_begin (&self->buf, &pk, 2, TLY_MSG_HELLO, 0);
     if (tly_link_send (self->quota, &self->buf, true)) {
         tly_warn (WHO, "cannot ask quota for its limits; every event goes to quota "
                        "until it can");
@@ -390,11 +374,7 @@ static int
 send_admit (receipt_t *self, uint64_t ticket, size_t nadmit)
 {
     msgpack_packer pk;
-    tly_buf_reset (&self->buf);
-    tly_buf_packer (&self->buf, &pk);
-    msgpack_pack_array (&pk, 4);
-    msgpack_pack_uint8 (&pk, TLY_MSG_ADMIT);
-    msgpack_pack_uint64 (&pk, ticket);
+    tly_link_begin (&self->buf, &pk, 4, TLY_MSG_ADMIT, ticket);
     msgpack_pack_array (&pk, (uint32_t) nadmit);
     for (size_t k = 0; k < self->npending; k++) {
         if (!self->work[self->pending[k]].admit)
@@ -461,8 +441,8 @@ round_flush (receipt_t *self)
     size_t nadmit = 0;
     for (size_t k = 0; k < self->npending; k++)
         nadmit += self->work[self->pending[k]].admit;
-    uint8_t *verdict = malloc (nadmit + 1);
-    if (!verdict)
+    uint8_t *verdict = nadmit ? malloc (nadmit) : NULL;    /* none without a limit */
+    if (nadmit && !verdict)
         return TLY_ENOMEM;
     uint64_t ticket = 0;
     int rc = TLY_OK;
