@@ -740,7 +740,7 @@ push_ones (fixture *fx, const char *customer, const char *meter, const char *tag
     ingest_until_served (fx, ev, n);
     size_t accepted = 0;
     for (size_t i = 0; i < n; i++) {
-        char path[32];
+        char path[48];           /* "results." + 20 digits + ".code" */
         snprintf (path, sizeof path, "results.%zu.code", i);
         if (strcmp (status_at (&fx->r, i), "accepted") == 0)
             accepted++;
