@@ -467,6 +467,9 @@ typedef struct {
     uint8_t last[TLY_DEDUP_LEN];    /* the last key written (done > 0) */
     uint8_t *filter;                /* BLOOM_HDR + nblocks * BLOOM_BLOCK */
     uint32_t nblocks;
+    uint64_t refill;                /* resumed: keys its table held, to refilter */
+    uint64_t refilled;              /* of those, back in the filter */
+    uint8_t refill_last[TLY_DEDUP_LEN];    /* the last of those (refilled > 0) */
 } dx_build;
 
 struct dx_writer {
@@ -504,8 +507,8 @@ drop_fresh (dx_writer *self)
 }
 
 /*  Forgets the maintenance state: the next begin derives it from meta and
-    the tables, where every run that was being built is dead (its build
-    starts again). */
+    the tables, where each build under way at the last commit is resumed
+    (build_resume). */
 static void
 forget_state (dx_writer *self)
 {
@@ -552,25 +555,197 @@ slot_owned (const dx_writer *self, uint32_t slot)
     return false;
 }
 
-/*  The stored state is `covered` alone (dx_view_load).  The rest is
-    derived: ids grow from the highest visible one, and nothing is being
-    built after a load, so a table with records that no visible run owns
-    holds a dead run or a build cut short (by a crash or an aborted txn),
-    to be emptied. */
+/*  Sets build[tier] up to write total keys into table slot: its id, and
+    an empty filter whose header names them. */
+static int
+build_init (dx_writer *self, unsigned tier, uint32_t slot, uint64_t total)
+{
+    dx_build *b = &self->build[tier];
+    b->nblocks = bloom_nblocks (total);
+    b->filter = calloc (1, BLOOM_HDR + (size_t) b->nblocks * BLOOM_BLOCK);
+    if (!b->filter)
+        return TLY_ENOMEM;
+    uint32_t hdr[4] = { (uint32_t) total, b->nblocks, tier, slot };
+    memcpy (b->filter, hdr, sizeof hdr);
+    b->out = self->next_id++;
+    b->slot = slot;
+    b->total = total;
+    return TLY_OK;
+}
+
+/*  meta "dedup.build<tier>": a build in progress, written in the txn
+    that starts it and deleted in the one that publishes it, so that a
+    restart (or an aborted txn) resumes the build instead of emptying its
+    table and starting over: a merge of large runs spans millions of
+    events, and a writer restarted more often than that would otherwise
+    never finish it.  version (u32), table (u32), total (u64), then the
+    ids (u32) of the MERGE_FANIN runs merged (0 for a flush), host order.
+    What the table holds so far is its own record of progress: `done` is
+    its count, `last` its last key. */
+#define BUILD_VERSION   1
+#define BUILD_REC       (16 + 4 * MERGE_FANIN)
+
+static void
+build_key (unsigned tier, char key[12])
+{
+    memcpy (key, "dedup.build", 11);
+    key[11] = (char) ('0' + tier);
+}
+
+static int
+build_record_put (dx_writer *self, unsigned tier)
+{
+    const dx_build *b = &self->build[tier];
+    uint8_t v[BUILD_REC] = { 0 };
+    uint32_t version = BUILD_VERSION;
+    memcpy (v, &version, 4);
+    memcpy (v + 4, &b->slot, 4);
+    memcpy (v + 8, &b->total, 8);
+    for (size_t i = 0; tier > 0 && i < MERGE_FANIN; i++)
+        memcpy (v + 16 + 4 * i, &b->in[i].id, 4);
+    char key[12];
+    build_key (tier, key);
+    MDB_val k = { sizeof key, key }, val = { sizeof v, v };
+    int rc = mdb_put (self->txn, self->t->meta, &k, &val, 0);
+    return rc ? lmdb_err (rc) : TLY_OK;
+}
+
+static int
+build_record_del (dx_writer *self, unsigned tier)
+{
+    char key[12];
+    build_key (tier, key);
+    MDB_val k = { sizeof key, key };
+    int rc = mdb_del (self->txn, self->t->meta, &k, NULL);
+    return rc == 0 || rc == MDB_NOTFOUND ? TLY_OK : TLY_EIO;
+}
+
+/*  The visible run with this id, or NULL. */
+static const dx_run *
+view_find (const dx_view *view, uint32_t id)
+{
+    size_t i = view_lower (view, id);
+    return i < view->n && view->runs[i].id == id ? &view->runs[i] : NULL;
+}
+
+/*  Takes up the build of tier that meta records, if its record still
+    matches the index: its inputs visible (a flush: L0 holds its keys),
+    its table not another run's, holding no more than total keys.  Then
+    the build first puts its table's keys back into a new filter
+    (refill_step), and goes on where it stopped.  Anything else is a build
+    this writer cannot continue: its record goes, and its table, not
+    owned, is emptied as dead. */
+static int
+build_resume (dx_writer *self, unsigned tier)
+{
+    char key[12];
+    build_key (tier, key);
+    MDB_val k = { sizeof key, key }, v;
+    int rc = mdb_get (self->txn, self->t->meta, &k, &v);
+    if (rc == MDB_NOTFOUND)
+        return TLY_OK;
+    if (rc)
+        return TLY_EIO;
+    uint8_t rec[BUILD_REC];
+    uint32_t version = 0, slot = DX_SLOTS, ids[MERGE_FANIN] = { 0 };
+    uint64_t total = 0, sum = 0;
+    if (v.mv_size == BUILD_REC) {
+        memcpy (rec, v.mv_data, BUILD_REC);
+        memcpy (&version, rec, 4);
+        memcpy (&slot, rec + 4, 4);
+        memcpy (&total, rec + 8, 8);
+        memcpy (ids, rec + 16, sizeof ids);
+    }
+    dx_build *b = &self->build[tier];
+    bool ok = version == BUILD_VERSION && slot < DX_SLOTS && !slot_owned (self, slot)
+           && total > 0 && total <= UINT32_MAX;
+    for (size_t i = 0; ok && tier > 0 && i < MERGE_FANIN; i++) {
+        const dx_run *run = view_find (&self->view, ids[i]);
+        for (size_t j = 0; j < i; j++)
+            ok &= ids[j] != ids[i];
+        ok = ok && run && run->tier == tier - 1;
+        if (ok) {
+            b->in[i] = *run;
+            b->in[i].bits = NULL;
+            sum += run->count;
+        }
+    }
+    if (ok && tier > 0)
+        ok = sum == total;
+    if (ok && tier == 0)
+        ok = self->view.l0.from == self->view.covered && self->view.l0.n >= total;
+    size_t done = 0;
+    if (ok && (rc = table_entries (self->txn, self->t->slot[slot], &done)))
+        return rc;
+    ok = ok && done <= total;
+    uint64_t last_seq = 0;
+    if (ok && done > 0) {           /* where the build goes on: after its last key */
+        MDB_cursor *cur;
+        MDB_val lk, lv;
+        if (mdb_cursor_open (self->txn, self->t->slot[slot], &cur))
+            return TLY_EIO;
+        rc = mdb_cursor_get (cur, &lk, &lv, MDB_LAST);
+        ok = rc == 0 && lk.mv_size == TLY_DEDUP_LEN && lv.mv_size == 8;
+        if (ok) {
+            memcpy (b->last, lk.mv_data, TLY_DEDUP_LEN);
+            memcpy (&last_seq, lv.mv_data, 8);
+        }
+        mdb_cursor_close (cur);
+        if (rc && rc != MDB_NOTFOUND)
+            return TLY_EIO;
+    }
+    if (!ok) {
+        memset (b, 0, sizeof *b);
+        changed (self);
+        return build_record_del (self, tier);   /* a later start writes a new one */
+    }
+    if (tier == 0 && (rc = l0_sorted (&self->view.l0, (size_t) total, &self->frozen)))
+        return rc;
+    /*  A flush goes on appending frozen[done..]: its table must end where
+        those begin, or the appends would fail every commit before the
+        refill reaches the difference.  (A merge goes on after its table's
+        last key, whatever that is; the refill checks the rest.) */
+    if (tier == 0 && done > 0
+    &&  (memcmp (b->last, self->frozen[done - 1].key, TLY_DEDUP_LEN)
+         || memcmp (&last_seq, &self->frozen[done - 1].seq, 8))) {
+        free (self->frozen);
+        self->frozen = NULL;
+        memset (b, 0, sizeof *b);
+        changed (self);
+        return build_record_del (self, tier);
+    }
+    if ((rc = build_init (self, tier, slot, total)))
+        return rc;
+    b->done = done;
+    b->refill = done;
+    b->on = true;
+    return TLY_OK;
+}
+
+/*  The stored state is `covered` (dx_view_load) and the records of the
+    builds in progress (build_resume).  The rest is derived: ids grow from
+    the highest visible one, and a table with records that neither a
+    visible run nor a build owns holds a dead run or a build that could
+    not be resumed, to be emptied. */
 static int
 state_load (dx_writer *self)
 {
     self->next_id = self->view.n ? self->view.runs[self->view.n - 1].id + 1 : 1;
-    for (uint32_t s = 0; s < DX_SLOTS; s++) {
+    int err = TLY_OK;
+    for (unsigned j = 0; j < DX_TIERS && !err; j++)
+        err = build_resume (self, j);
+    for (uint32_t s = 0; s < DX_SLOTS && !err; s++) {
         size_t n = 0;
-        if (!slot_owned (self, s)) {
-            int err = table_entries (self->txn, self->t->slot[s], &n);
-            if (err)
-                return err;
-        }
+        if (!slot_owned (self, s))
+            err = table_entries (self->txn, self->t->slot[s], &n);
         self->dead[s] = n > 0;
     }
-    self->dirty = false;
+    if (err) {
+        forget_state (self);        /* half a state would disown resumed builds */
+        return err;
+    }
+    /*  Not `dirty`, unless a record was deleted (build_resume): an abort
+        of this txn must then load the state again. */
     self->loaded = true;
     return TLY_OK;
 }
@@ -583,10 +758,10 @@ dx_writer_begin (dx_writer *self, MDB_txn *txn, uint64_t size)
     self->txn = txn;
     drop_fresh (self);
     int err = dx_view_load (self->t, txn, &self->view);
-    if (!err && !self->loaded)
-        err = state_load (self);
     if (!err)
         err = dx_view_sync (self->t, txn, &self->view, size);
+    if (!err && !self->loaded)
+        err = state_load (self);    /* after the sync: a flush resumes from L0 */
     return err;
 }
 
@@ -656,22 +831,16 @@ build_start (dx_writer *self, unsigned tier, uint64_t total, const dx_run *in)
     if (nfree == 0 || (tier == 0 && nfree <= DX_TIERS))
         return TLY_OK;
     memset (b, 0, sizeof *b);
-    b->nblocks = bloom_nblocks (total);
-    b->filter = calloc (1, BLOOM_HDR + (size_t) b->nblocks * BLOOM_BLOCK);
-    if (!b->filter)
-        return TLY_ENOMEM;
-    uint32_t hdr[4] = { (uint32_t) total, b->nblocks, tier, slot };
-    memcpy (b->filter, hdr, sizeof hdr);
-    b->out = self->next_id++;
-    b->slot = slot;
-    b->total = total;
+    int err = build_init (self, tier, slot, total);
+    if (err)
+        return err;
     for (size_t i = 0; in && i < MERGE_FANIN; i++) {
         b->in[i] = in[i];
         b->in[i].bits = NULL;       /* valid for this txn only; not needed */
     }
     b->on = true;
     changed (self);
-    return TLY_OK;
+    return build_record_put (self, tier);
 }
 
 static int
@@ -703,6 +872,9 @@ build_publish (dx_writer *self, unsigned tier)
     int rc = mdb_put (self->txn, self->t->blooms, &k, &v, MDB_NOOVERWRITE);
     if (rc)
         return rc == MDB_KEYEXIST ? TLY_ECORRUPT : lmdb_err (rc);
+    int err = build_record_del (self, tier);
+    if (err)
+        return err;
     if (grow (&self->fresh, &self->fresh_cap, self->nfresh, sizeof *self->fresh))
         return TLY_ENOMEM;
     self->fresh[self->nfresh++] = b->filter;
@@ -726,7 +898,7 @@ flush_step (dx_writer *self, uint64_t budget)
         MDB_val seq = { 8, (void *) &r->seq };
         err = build_put (self, b, r->key, &seq);
     }
-    if (err || b->done < b->total)
+    if (err || b->done < b->total || b->refilled < b->refill)
         return err;
     uint64_t end = self->view.covered + b->total;   /* the frozen keys were L0's first */
     if ((err = build_publish (self, 0))
@@ -763,20 +935,144 @@ head_load (merge_head *h, int rc, const MDB_val *k, const MDB_val *v)
     return TLY_OK;
 }
 
-/*  Positions h at run's first key after the build's last one. */
-static int
-head_open (dx_writer *self, const dx_build *b, const dx_run *run, merge_head *h)
+static void
+heads_close (merge_head heads[MERGE_FANIN])
 {
-    h->live = false;
-    if (mdb_cursor_open (self->txn, self->t->slot[run->slot], &h->cur))
-        return TLY_EIO;
-    MDB_val k = { TLY_DEDUP_LEN, (void *) b->last }, v;
-    if (!b->done)
-        return head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_FIRST), &k, &v);
-    int err = head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_SET_RANGE), &k, &v);
-    if (!err && h->live && memcmp (h->key, b->last, TLY_DEDUP_LEN) == 0)
-        err = head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_NEXT), &k, &v);
+    for (size_t i = 0; i < MERGE_FANIN; i++)
+        if (heads[i].cur) {
+            mdb_cursor_close (heads[i].cur);
+            heads[i].cur = NULL;
+        }
+}
+
+/*  Opens one head per input of merge b, each at its run's first key after
+    `after` (NULL: at its first key). */
+static int
+heads_open (dx_writer *self, const dx_build *b, const uint8_t *after,
+            merge_head heads[MERGE_FANIN])
+{
+    memset (heads, 0, MERGE_FANIN * sizeof *heads);
+    int err = TLY_OK;
+    for (size_t i = 0; i < MERGE_FANIN && !err; i++) {
+        merge_head *h = &heads[i];
+        if (mdb_cursor_open (self->txn, self->t->slot[b->in[i].slot], &h->cur)) {
+            h->cur = NULL;
+            err = TLY_EIO;
+            break;
+        }
+        MDB_val k = { TLY_DEDUP_LEN, (void *) after }, v;
+        if (!after)
+            err = head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_FIRST), &k, &v);
+        else {
+            err = head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_SET_RANGE), &k, &v);
+            if (!err && h->live && memcmp (h->key, after, TLY_DEDUP_LEN) == 0)
+                err = head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_NEXT), &k, &v);
+        }
+    }
+    if (err)
+        heads_close (heads);
     return err;
+}
+
+/*  The head with the smallest key, or NULL when all inputs are done. */
+static merge_head *
+heads_min (merge_head heads[MERGE_FANIN])
+{
+    merge_head *min = NULL;
+    for (size_t i = 0; i < MERGE_FANIN; i++)
+        if (heads[i].live && (!min || memcmp (heads[i].key, min->key, TLY_DEDUP_LEN) < 0))
+            min = &heads[i];
+    return min;
+}
+
+static int
+head_next (merge_head *h)
+{
+    MDB_val k, v;
+    return head_load (h, mdb_cursor_get (h->cur, &k, &v, MDB_NEXT), &k, &v);
+}
+
+/*  A resumed build puts the keys its table held back into its filter
+    (which died with the writer that built it), up to `budget` of them per
+    commit, while it goes on appending; it is published once both are
+    done.  Reading a key back costs a fraction of writing one, so the
+    refill runs at REFILL_RATE times the build's budget.  Each record is
+    checked against what the build must have written there: the next of
+    L0's sorted keys (a flush), or the next key of the merged inputs (a
+    merge), with its seq.  A table that disagrees was not this build's:
+    the build is dropped and the table emptied as dead; a new build starts
+    in a later commit. */
+#define REFILL_RATE 16
+
+static int
+refill_step (dx_writer *self, unsigned tier, uint64_t budget)
+{
+    dx_build *b = &self->build[tier];
+    const uint8_t *after = b->refilled ? b->refill_last : NULL;
+    merge_head heads[MERGE_FANIN] = { 0 };
+    MDB_cursor *cur;
+    int err = tier > 0 ? heads_open (self, b, after, heads) : TLY_OK;
+    if (err)
+        return err;
+    if (mdb_cursor_open (self->txn, self->t->slot[b->slot], &cur)) {
+        heads_close (heads);
+        return TLY_EIO;
+    }
+    MDB_val k = { TLY_DEDUP_LEN, b->refill_last }, v;
+    int rc = after ? mdb_cursor_get (cur, &k, &v, MDB_SET_KEY)
+                   : mdb_cursor_get (cur, &k, &v, MDB_FIRST);
+    if (rc == 0 && after)
+        rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    bool bad = false;
+    for (; rc == 0 && b->refilled < b->refill && budget > 0 && !err; budget--) {
+        const uint8_t *want_key;
+        const uint64_t *want_seq;
+        merge_head *min = NULL;
+        if (tier == 0) {
+            want_key = self->frozen[b->refilled].key;
+            want_seq = &self->frozen[b->refilled].seq;
+        }
+        else
+        if ((min = heads_min (heads))) {
+            want_key = min->key;
+            want_seq = &min->seq;
+        }
+        else {
+            bad = true;             /* more records than the inputs have keys */
+            break;
+        }
+        if (k.mv_size != TLY_DEDUP_LEN || v.mv_size != 8
+        ||  memcmp (k.mv_data, want_key, TLY_DEDUP_LEN) || memcmp (v.mv_data, want_seq, 8)) {
+            bad = true;
+            break;
+        }
+        bloom_add (b->filter + BLOOM_HDR, b->nblocks, k.mv_data);
+        memcpy (b->refill_last, k.mv_data, TLY_DEDUP_LEN);
+        b->refilled++;
+        changed (self);
+        if (min)
+            err = head_next (min);
+        if (!err && b->refilled < b->refill)
+            rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    }
+    mdb_cursor_close (cur);
+    heads_close (heads);
+    if (err)
+        return err;
+    if (rc && rc != MDB_NOTFOUND)
+        return TLY_EIO;
+    if (!bad && (rc == 0 || b->refilled == b->refill))
+        return TLY_OK;
+    /*  Not what this build wrote: its table is emptied as dead. */
+    self->dead[b->slot] = true;
+    free (b->filter);
+    memset (b, 0, sizeof *b);
+    if (tier == 0) {
+        free (self->frozen);
+        self->frozen = NULL;
+    }
+    changed (self);
+    return build_record_del (self, tier);
 }
 
 /*  The runs merged lose their filter (invisible) and become dead: their
@@ -798,43 +1094,25 @@ retire_inputs (dx_writer *self, const dx_run *in)
     return TLY_OK;
 }
 
-/*  K-way merge of up to budget keys of the inputs (tier - 1) into tier. */
+/*  K-way merge of up to budget keys of the inputs (tier - 1) into tier,
+    after the last key the build wrote. */
 static int
 merge_step (dx_writer *self, unsigned tier, uint64_t budget)
 {
     dx_build *b = &self->build[tier];
-    merge_head heads[MERGE_FANIN];
-    memset (heads, 0, sizeof heads);
-    size_t opened = 0;
-    int err = TLY_OK;
-    for (; opened < MERGE_FANIN && !err; opened++)
-        err = head_open (self, b, &b->in[opened], &heads[opened]);
-    bool any = true;
-    while (!err && budget > 0) {
-        merge_head *min = NULL;
-        for (size_t i = 0; i < MERGE_FANIN; i++)
-            if (heads[i].live && (!min || memcmp (heads[i].key, min->key, TLY_DEDUP_LEN) < 0))
-                min = &heads[i];
-        if (!min) {
-            any = false;
-            break;
-        }
+    merge_head heads[MERGE_FANIN], *min = NULL;
+    int err = heads_open (self, b, b->done ? b->last : NULL, heads);
+    if (err)
+        return err;                 /* heads_open closed what it opened */
+    for (; !err && budget > 0 && (min = heads_min (heads)); budget--) {
         MDB_val seq = { 8, &min->seq };
-        if ((err = build_put (self, b, min->key, &seq)))
-            break;
-        budget--;
-        MDB_val k, v;
-        err = head_load (min, mdb_cursor_get (min->cur, &k, &v, MDB_NEXT), &k, &v);
+        if (!(err = build_put (self, b, min->key, &seq)))
+            err = head_next (min);
     }
-    if (!err && any) {
-        any = false;
-        for (size_t i = 0; i < MERGE_FANIN; i++)
-            any |= heads[i].live;
-    }
-    for (size_t i = 0; i < opened; i++)
-        if (heads[i].cur)
-            mdb_cursor_close (heads[i].cur);
-    if (err || any)
+    if (!err && budget == 0)
+        min = heads_min (heads);
+    heads_close (heads);
+    if (err || min || b->refilled < b->refill)
         return err;
     dx_run in[MERGE_FANIN];
     memcpy (in, b->in, sizeof in);
@@ -912,9 +1190,14 @@ maintain (dx_writer *self, uint64_t budget, bool *worked)
     int err = drop_dead (self, budget);
     if (!err)
         err = start_builds (self);
-    for (unsigned j = 0; j < DX_TIERS && !err; j++)
-        if (self->build[j].on)
+    for (unsigned j = 0; j < DX_TIERS && !err; j++) {
+        const dx_build *b = &self->build[j];
+        if (b->on && b->refilled < b->refill)
+            err = refill_step (self, j, budget > UINT64_MAX / REFILL_RATE ? UINT64_MAX
+                                                                          : budget * REFILL_RATE);
+        if (!err && b->on)
             err = j == 0 ? flush_step (self, budget) : merge_step (self, j, budget);
+    }
     if (err) {
         self->dirty = true;         /* the txn must not commit; forget at end */
         return err;

@@ -16,7 +16,11 @@
         last commit also moves `covered` (meta "dedup.state") past the keys
         it wrote; the runs a merge replaces become "dead", and a later
         commit empties each one's table with one mdb_drop (which frees its
-        pages without touching them).
+        pages without touching them).  Each build under way has a record
+        in meta ("dedup.build<tier>"), so a writer that starts after a
+        crash or an aborted txn goes on with it: the table holds what the
+        build wrote, and its keys are checked against the build's sources
+        as they go back into the Bloom filter, which only lived in memory.
     So a commit's index work is proportional to the events it appends,
     never to the size of the index.
 

@@ -12,7 +12,7 @@
 #include "dedup.h"
 
 #define STH_VAL_LEN (8 + 32 + TLY_SIG_LEN)
-#define FORMAT "6"
+#define FORMAT "7"
 /*  L0 lives in memory: a larger one means fewer merge levels (each key is
     rewritten once per level) and fewer runs to ask, for more memory
     (about 60 bytes a key, in the writer and in each reader that looks
@@ -156,12 +156,12 @@ open_dbis (tly_store *self, const char **why)
             goto abort;
     }
     else
-    if (rc == 0 && format != 5 && format != 6) {
+    if (rc == 0 && (format < 5 || format > 7)) {
         mdb_txn_abort (txn);
-        *why = "the ledger in this data dir is not format " FORMAT " or 5 (formats 1 to 4 "
-               "laid out the idempotency index differently): this tallyd reads formats "
-               "5 and " FORMAT " only; start from a fresh data dir (there is no migration "
-               "from those)";
+        *why = "the ledger in this data dir is not format 5, 6 or " FORMAT " (formats 1 to 4 "
+               "laid out the idempotency index differently, and later ones are a newer "
+               "tallyd's): this tallyd reads formats 5 to " FORMAT " only; start from a fresh "
+               "data dir (there is no migration from formats 1 to 4)";
         return TLY_EINVAL;
     }
     else
@@ -175,6 +175,18 @@ open_dbis (tly_store *self, const char **why)
     }
     else
         memcpy (self->dedup_key, v.mv_data, sizeof self->dedup_key);
+    /*  Format 7 adds the records of builds in progress ("dedup.build<t>",
+        src/dedup.c), which a format-6 tallyd would not keep up to date:
+        the number moves so that one refuses the ledger rather than mixing
+        a stale record with a table it reused.  A format-6 ledger has none
+        yet, so moving it on is writing the number. */
+    if (format == 6) {
+        MDB_val fk = { 6, "format" }, fv = { 1, FORMAT };
+        if ((rc = mdb_put (txn, self->meta, &fk, &fv, 0)))
+            goto abort;
+        tly_info ("store", "ledger format 6 moved to format " FORMAT " (builds of the "
+                           "idempotency index now resume after a restart); nothing rewritten");
+    }
     if (format == 5) {
         int err = migrate_5 (self, txn);
         if (err) {

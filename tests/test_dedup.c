@@ -179,6 +179,24 @@ check_lookups (fixture *f)
     view_end (txn, &view);
 }
 
+/*  All pending maintenance in one commit: then nothing is being built,
+    no table is dead, and every key is found. */
+static void
+finish_all (fixture *f)
+{
+    MDB_txn *txn;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (dx_writer_begin (f->w, txn, f->n), TLY_OK);
+    assert_int_equal (dx_writer_finish (f->w), TLY_OK);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    dx_writer_end (f->w, true);
+    size_t builds, dead;
+    dx_writer_backlog (f->w, &builds, &dead);
+    assert_int_equal (builds, 0);
+    assert_int_equal (dead, 0);
+    check_lookups (f);
+}
+
 typedef struct {
     uint8_t *seen;
     uint64_t n;
@@ -266,16 +284,7 @@ test_dedup_model (void **state)
     assert_true (aborts > 0 && restarts > 0 && scans > 0);
 
     MDB_txn *txn;
-    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
-    assert_int_equal (dx_writer_begin (f->w, txn, f->n), TLY_OK);
-    assert_int_equal (dx_writer_finish (f->w), TLY_OK);
-    assert_int_equal (mdb_txn_commit (txn), 0);
-    dx_writer_end (f->w, true);
-    size_t builds, dead;
-    dx_writer_backlog (f->w, &builds, &dead);
-    assert_int_equal (builds, 0);
-    assert_int_equal (dead, 0);
-    check_lookups (f);
+    finish_all (f);
     memset (c.seen, 0, KEYS_MAX);
     assert_true (scan_slice (f, &c, pos, false, KEYS_MAX));
     uint64_t in_runs = covered (f);
@@ -330,12 +339,295 @@ test_dedup_large_commits (void **state)
     check_lookups (f);
 }
 
+/*  The tier and table of the build that meta records for tier, or false. */
+static bool
+build_in_progress (fixture *f, unsigned tier, uint32_t *slot, uint64_t *total)
+{
+    MDB_txn *txn;
+    char key[12] = "dedup.build";
+    key[11] = (char) ('0' + tier);
+    MDB_val k = { sizeof key, key }, v;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+    bool on = mdb_get (txn, f->t.meta, &k, &v) == 0;
+    if (on) {
+        assert_int_equal (v.mv_size, 16 + 4 * 8);
+        memcpy (slot, (const uint8_t *) v.mv_data + 4, 4);
+        memcpy (total, (const uint8_t *) v.mv_data + 8, 8);
+    }
+    mdb_txn_abort (txn);
+    return on;
+}
+
+static size_t
+table_count (fixture *f, uint32_t slot)
+{
+    MDB_txn *txn;
+    MDB_stat st;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal (mdb_stat (txn, f->t.slot[slot], &st), 0);
+    mdb_txn_abort (txn);
+    return st.ms_entries;
+}
+
+/*  Whether table slot holds a visible run. */
+static bool
+run_in (fixture *f, uint32_t slot)
+{
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    bool found = false;
+    view_begin (f, &txn, &view);
+    for (size_t i = 0; i < view.n; i++)
+        found |= view.runs[i].slot == slot;
+    view_end (txn, &view);
+    return found;
+}
+
+/*  A writer restarted every 10 commits, as a tallyd restarted more often
+    than a large merge takes (a tier-2 merge here takes about 90 commits):
+    each build goes on from where the last writer left it (its table keeps
+    growing across restarts), so merges finish and the runs stay bounded.
+    Were builds started over at each restart, no merge here would ever
+    finish and tier 0 would pile up until the pool of tables ran out.  (A
+    resumed build refilters the keys it holds at 16 times its budget: a
+    writer restarted after every commit would get nowhere either.) */
+static void
+test_dedup_resume_builds (void **state)
+{
+    fixture *f = *state;
+    size_t max_runs = 0, resumed[2] = { 0 }, before[2] = { 0 };
+    uint32_t top = 0, slot[2] = { 0 };
+    bool was[2] = { false };        /* a build of tier j in slot[j] at the last restart */
+    for (int c = 0; c < 1500; c++) {
+        txn_round (f, 1 + below (f, 20), true);
+        for (unsigned j = 0; j < 2; j++) {
+            uint32_t now = 0;
+            uint64_t total = 0;
+            if (was[j] && build_in_progress (f, j, &now, &total) && now == slot[j]) {
+                assert_true (table_count (f, slot[j]) > before[j]);     /* it went on */
+                resumed[j]++;
+            }
+            else
+            if (was[j] && run_in (f, slot[j]))
+                resumed[j]++;       /* it went on and ended in this commit */
+            was[j] = false;
+        }
+        if (c % 10 != 9)
+            continue;
+        for (unsigned j = 0; j < 2; j++) {
+            uint64_t total = 0;
+            if ((was[j] = build_in_progress (f, j, &slot[j], &total)))
+                before[j] = table_count (f, slot[j]);
+            was[j] = was[j] && before[j] > 0;
+        }
+        dx_writer_destroy (&f->w);
+        assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+        MDB_txn *txn;
+        dx_view view = { 0 };
+        view_begin (f, &txn, &view);
+        max_runs = view.n > max_runs ? view.n : max_runs;
+        for (size_t i = 0; i < view.n; i++)
+            top = view.runs[i].tier > top ? view.runs[i].tier : top;
+        view_end (txn, &view);
+    }
+    print_message ("restart every 10 commits: %llu keys, %zu flushes and %zu merges resumed, "
+                   "at most %zu runs, top tier %u\n", (unsigned long long) f->n, resumed[0],
+                   resumed[1], max_runs, top);
+    assert_true (resumed[0] > 5 && resumed[1] > 10);
+    assert_true (top >= 2);         /* 15,000 keys / 64 per flush: tiers 0-2 */
+    assert_true (max_runs <= 3 * 16);
+    check_lookups (f);
+}
+
+/*  Small commits until a tier-1 merge has written a few keys; its table. */
+static uint32_t
+merge_under_way (fixture *f)
+{
+    uint32_t slot = 0;
+    uint64_t total = 0;
+    int c = 0;
+    for (; c < 3000 && !(build_in_progress (f, 1, &slot, &total) && table_count (f, slot) > 2); c++)
+        txn_round (f, 1 + below (f, 8), true);
+    assert_true (c < 3000);
+    return slot;
+}
+
+/*  A build's table that does not hold what its record says (here: a key
+    out of order appended behind the writer's back) is not resumed: the
+    build is dropped, its table emptied, and a new build of the same runs
+    makes the index whole again. */
+static void
+test_dedup_resume_refuses_foreign (void **state)
+{
+    fixture *f = *state;
+    uint32_t slot = merge_under_way (f);
+    dx_writer_destroy (&f->w);
+    MDB_txn *txn;
+    uint8_t key[TLY_DEDUP_LEN] = { 0 };     /* the lowest key: below every key there */
+    uint64_t seq = 0;
+    MDB_val k = { sizeof key, key }, v = { 8, &seq };
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (mdb_put (txn, f->t.slot[slot], &k, &v, 0), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+    for (int i = 0; i < 200; i++)
+        txn_round (f, 1 + below (f, 20), true);
+    finish_all (f);
+    uint64_t found;
+    dx_view view = { 0 };
+    view_begin (f, &txn, &view);
+    assert_int_equal (dx_view_sync (&f->t, txn, &view, f->n), TLY_OK);
+    assert_int_equal (dx_lookup (&f->t, txn, &view, key, &found), TLY_ENOTFOUND);
+    view_end (txn, &view);
+}
+
+/*  Commits of 50 keys until a flush of L0 (l0_max 4096, 31 commits a
+    flush) is under way with more than `least` keys in its table, then the
+    writer goes away; returns the table. */
+static uint32_t
+flush_under_way (fixture *f, size_t least)
+{
+    uint32_t slot = 0;
+    uint64_t total = 0;
+    f->t.l0_max = 4096;
+    dx_writer_destroy (&f->w);
+    assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+    int c = 0;
+    for (; c < 400 && !(build_in_progress (f, 0, &slot, &total) && table_count (f, slot) > least);
+         c++)
+        txn_round (f, 50, true);
+    assert_true (c < 400);
+    dx_writer_destroy (&f->w);
+    return slot;
+}
+
+/*  Replaces the record at position `at` (from the first) of table slot
+    with key/seq, or appends key/seq when at is past the end. */
+static void
+tamper (fixture *f, uint32_t slot, size_t at, const uint8_t key[TLY_DEDUP_LEN], uint64_t seq)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (mdb_cursor_open (txn, f->t.slot[slot], &cur), 0);
+    int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
+    for (size_t i = 0; rc == 0 && i < at; i++)
+        rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+    if (rc == 0)
+        assert_int_equal (mdb_cursor_del (cur, 0), 0);
+    mdb_cursor_close (cur);
+    k.mv_size = TLY_DEDUP_LEN;
+    k.mv_data = (void *) key;
+    v.mv_size = 8;
+    v.mv_data = &seq;
+    assert_int_equal (mdb_put (txn, f->t.slot[slot], &k, &v, 0), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+}
+
+/*  A flush's table that ends in a key of its own (the writer would append
+    L0's next keys behind it) or holds a wrong record deeper than one
+    commit's refill reaches: the build is not resumed, or dropped when the
+    refill gets there; commits go on without an error, and all maintenance
+    done, the index holds every key once and none of the foreign ones. */
+static void
+test_dedup_resume_checks_flush (void **state)
+{
+    fixture *f = *state;
+    uint8_t high[TLY_DEDUP_LEN];
+    memset (high, 0xff, sizeof high);
+    uint32_t slot = flush_under_way (f, 2600);       /* more than a commit refills */
+    tamper (f, slot, SIZE_MAX, high, 7);            /* a key after all of L0's */
+    assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+    for (int i = 0; i < 40; i++)
+        txn_round (f, 50, true);
+
+    slot = flush_under_way (f, 2600);
+    uint8_t key[TLY_DEDUP_LEN];
+    uint64_t seq;
+    {
+        /*  Record 2400 keeps its key but names another entry. */
+        MDB_txn *txn;
+        MDB_cursor *cur;
+        MDB_val k, v;
+        assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+        assert_int_equal (mdb_cursor_open (txn, f->t.slot[slot], &cur), 0);
+        int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
+        for (int i = 0; rc == 0 && i < 2400; i++)
+            rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+        assert_int_equal (rc, 0);
+        memcpy (key, k.mv_data, TLY_DEDUP_LEN);
+        memcpy (&seq, v.mv_data, 8);
+        mdb_cursor_close (cur);
+        mdb_txn_abort (txn);
+    }
+    tamper (f, slot, 2400, key, seq + 1);
+    assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+    for (int i = 0; i < 40; i++)
+        txn_round (f, 50, true);
+    finish_all (f);
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    uint64_t found;
+    view_begin (f, &txn, &view);
+    assert_int_equal (dx_view_sync (&f->t, txn, &view, f->n), TLY_OK);
+    assert_int_equal (dx_lookup (&f->t, txn, &view, high, &found), TLY_ENOTFOUND);
+    assert_int_equal (dx_lookup (&f->t, txn, &view, key, &found), TLY_OK);
+    assert_int_equal (found, seq);
+    view_end (txn, &view);
+}
+
+/*  A merge whose input holds a malformed record fails its commit with
+    TLY_ECORRUPT (and only fails it: no cursor closed twice). */
+static void
+test_dedup_merge_bad_input (void **state)
+{
+    fixture *f = *state;
+    merge_under_way (f);
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    view_begin (f, &txn, &view);
+    uint32_t in = DX_SLOTS;
+    for (size_t i = 0; i < view.n && in == DX_SLOTS; i++)
+        if (view.runs[i].tier == 0)
+            in = view.runs[i].slot;     /* the oldest tier-0 run: an input */
+    view_end (txn, &view);
+    assert_true (in < DX_SLOTS);
+    MDB_cursor *cur;
+    MDB_val k, v;
+    uint32_t short_seq = 1;
+    /*  Every record of it: whichever the merge reads next is bad. */
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (mdb_cursor_open (txn, f->t.slot[in], &cur), 0);
+    for (int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT)) {
+        MDB_val sv = { sizeof short_seq, &short_seq };
+        assert_int_equal (mdb_cursor_put (cur, &k, &sv, MDB_CURRENT), 0);
+    }
+    mdb_cursor_close (cur);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    int failed = 0;
+    for (int i = 0; i < 50; i++) {
+        assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+        assert_int_equal (dx_writer_begin (f->w, txn, f->n), TLY_OK);
+        int err = dx_writer_maintain (f->w, 100);
+        failed += err == TLY_ECORRUPT;
+        mdb_txn_abort (txn);
+        dx_writer_end (f->w, false);
+    }
+    assert_true (failed > 0);
+}
+
 int
 main (void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown (test_dedup_model, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_large_commits, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_resume_builds, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_resume_refuses_foreign, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_resume_checks_flush, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_merge_bad_input, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);
 }

@@ -16,9 +16,12 @@
                of blocked Bloom filter (host byte order): one record per
                visible run
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
-      meta     "format" -> "6", "dedup_key" -> 32 random bytes,
+      meta     "format" -> "7", "dedup_key" -> 32 random bytes,
                "dedup.state" -> version 3 (u32), 0 (u32), covered (u64):
-               the runs hold the keys of the entries [0, covered)
+               the runs hold the keys of the entries [0, covered);
+               "dedup.build0" .. "dedup.build9" -> version 1 (u32),
+               table (u32), total (u64), the ids (u32) of the 8 runs
+               merged (0 for a flush): a build of that tier under way
 
     The deduplication index is a small LSM tree, so that what a commit
     writes stays proportional to the commit, and sequential, at any index
@@ -49,11 +52,15 @@
     A key is visible in exactly one place (L0 or one visible run); a
     lookup asks L0, then each visible run newest first whose filter says
     "maybe".  All of it happens in the writer's txns, so a crash or an
-    abort leaves a consistent layout; a run half built at a crash is
-    emptied and its build starts again.  tly_store_open moves a format-5
-    ledger (L0 in two tables, "dedup" and "dedup.1") to format 6 in one
-    txn: it records covered and drops those tables, nothing else changes.
-    Data dirs of formats 1 to 4 are refused.
+    abort leaves a consistent layout; a run half built at a crash goes on
+    from where it stopped, once its table's keys are checked against its
+    sources (a merge of large runs spans millions of events: a writer
+    restarted more often than that would never finish one otherwise).
+    tly_store_open moves a format-5 ledger (L0 in two tables, "dedup" and
+    "dedup.1") to format 7 in one txn: it records covered and drops those
+    tables, nothing else changes; a format-6 ledger (no build records)
+    only gets its new number, so that a format-6 tallyd refuses it.
+    Data dirs of formats 1 to 4, and of formats above 7, are refused.
 
     Every appended entry, its nodes, its dedup record and the commit's signed
     head land in one LMDB transaction, fsync'd before the commit returns:
