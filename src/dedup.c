@@ -1,9 +1,12 @@
 /*  dedup.c -- the idempotency index: tiered sorted runs over an
     in-memory L0, Bloom filters, and the bounded builds that keep it small
     (see dedup.h). */
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include "dedup.h"
 
 #define MERGE_FANIN     8
@@ -153,6 +156,69 @@ bloom_prefetch (const dx_view *view, const uint8_t key[TLY_DEDUP_LEN])
     (void) view;
     (void) key;
 #endif
+}
+
+/*  A build's filter (BLOOM_HDR + nblocks * BLOOM_BLOCK bytes, header
+    first) is 2 bytes per key: 134 MB for a merge into tier 3, 1 GB into
+    tier 4, written front to back over millions of commits and copied into
+    "blooms" by the commit that publishes the run.  Held in the heap, that
+    would be anonymous memory growing with the index.  So a large one lives
+    in a shared mapping of an unnamed file (O_TMPFILE) in the ledger's
+    directory, its blocks reserved up front (no SIGBUS on a full disk):
+    the kernel writes its pages out under memory pressure instead of
+    holding them, and nothing is left behind after a crash.  Where that is
+    not possible (no O_TMPFILE, no space), the heap it is. */
+#define FILTER_MAP_MIN_DEFAULT ((size_t) 4 << 20)
+
+static size_t
+filter_size (const uint8_t *filter)
+{
+    uint32_t nblocks;
+    memcpy (&nblocks, filter + 4, 4);
+    return BLOOM_HDR + (size_t) nblocks * BLOOM_BLOCK;
+}
+
+static size_t
+filter_map_min_of (const dx_tables *t)
+{
+    return t->filter_map_min ? t->filter_map_min : FILTER_MAP_MIN_DEFAULT;
+}
+
+/*  A zeroed filter of nblocks for a run of count keys in tier / slot;
+    *mapped says where it is, for filter_free. */
+static uint8_t *
+filter_new (const dx_tables *t, uint64_t count, uint32_t nblocks, uint32_t tier, uint32_t slot,
+            bool *mapped)
+{
+    size_t size = BLOOM_HDR + (size_t) nblocks * BLOOM_BLOCK;
+    uint8_t *filter = NULL;
+    *mapped = false;
+    if (t->scratch_dir && size >= filter_map_min_of (t)) {
+        int fd = open (t->scratch_dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+        /*  fallocate, not posix_fallocate: no emulation that writes
+            the whole file in this commit where the file system cannot. */
+        if (fd >= 0 && fallocate (fd, 0, 0, (off_t) size) == 0) {
+            void *p = mmap (NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            filter = p == MAP_FAILED ? NULL : p;
+            *mapped = filter != NULL;
+        }
+        if (fd >= 0)
+            close (fd);             /* the mapping keeps the file */
+    }
+    if (!filter && !(filter = calloc (1, size)))
+        return NULL;
+    uint32_t hdr[4] = { (uint32_t) count, nblocks, tier, slot };
+    memcpy (filter, hdr, sizeof hdr);
+    return filter;
+}
+
+static void
+filter_free (uint8_t *filter, bool mapped)
+{
+    if (filter && mapped)
+        munmap (filter, filter_size (filter));
+    else
+        free (filter);
 }
 
 /* ---- the tables ---- */
@@ -466,11 +532,17 @@ typedef struct {
     uint64_t total, done;
     uint8_t last[TLY_DEDUP_LEN];    /* the last key written (done > 0) */
     uint8_t *filter;                /* BLOOM_HDR + nblocks * BLOOM_BLOCK */
+    bool mapped;                    /* filter is a file mapping (filter_new) */
     uint32_t nblocks;
     uint64_t refill;                /* resumed: keys its table held, to refilter */
     uint64_t refilled;              /* of those, back in the filter */
     uint8_t refill_last[TLY_DEDUP_LEN];    /* the last of those (refilled > 0) */
 } dx_build;
+
+typedef struct {
+    uint8_t *filter;
+    bool mapped;
+} dx_fresh;
 
 struct dx_writer {
     const dx_tables *t;
@@ -483,7 +555,7 @@ struct dx_writer {
     uint32_t next_id;
     dx_build build[DX_TIERS];       /* build[j] makes a run of tier j */
     bool dead[DX_SLOTS];            /* holds records no visible run owns */
-    uint8_t **fresh;                /* filters of runs finished in this txn */
+    dx_fresh *fresh;                /* filters of runs finished in this txn */
     size_t nfresh, fresh_cap;
 };
 
@@ -502,7 +574,7 @@ static void
 drop_fresh (dx_writer *self)
 {
     for (size_t i = 0; i < self->nfresh; i++)
-        free (self->fresh[i]);
+        filter_free (self->fresh[i].filter, self->fresh[i].mapped);
     self->nfresh = 0;
 }
 
@@ -513,7 +585,7 @@ static void
 forget_state (dx_writer *self)
 {
     for (unsigned j = 0; j < DX_TIERS; j++) {
-        free (self->build[j].filter);
+        filter_free (self->build[j].filter, self->build[j].mapped);
         memset (&self->build[j], 0, sizeof self->build[j]);
     }
     free (self->frozen);
@@ -562,11 +634,9 @@ build_init (dx_writer *self, unsigned tier, uint32_t slot, uint64_t total)
 {
     dx_build *b = &self->build[tier];
     b->nblocks = bloom_nblocks (total);
-    b->filter = calloc (1, BLOOM_HDR + (size_t) b->nblocks * BLOOM_BLOCK);
+    b->filter = filter_new (self->t, total, b->nblocks, tier, slot, &b->mapped);
     if (!b->filter)
         return TLY_ENOMEM;
-    uint32_t hdr[4] = { (uint32_t) total, b->nblocks, tier, slot };
-    memcpy (b->filter, hdr, sizeof hdr);
     b->out = self->next_id++;
     b->slot = slot;
     b->total = total;
@@ -877,7 +947,7 @@ build_publish (dx_writer *self, unsigned tier)
         return err;
     if (grow (&self->fresh, &self->fresh_cap, self->nfresh, sizeof *self->fresh))
         return TLY_ENOMEM;
-    self->fresh[self->nfresh++] = b->filter;
+    self->fresh[self->nfresh++] = (dx_fresh) { b->filter, b->mapped };
     dx_run run = { .id = b->out, .tier = tier, .slot = b->slot, .count = (uint32_t) b->total,
                    .nblocks = b->nblocks, .bits = b->filter + BLOOM_HDR };
     b->filter = NULL;
@@ -1065,7 +1135,7 @@ refill_step (dx_writer *self, unsigned tier, uint64_t budget)
         return TLY_OK;
     /*  Not what this build wrote: its table is emptied as dead. */
     self->dead[b->slot] = true;
-    free (b->filter);
+    filter_free (b->filter, b->mapped);
     memset (b, 0, sizeof *b);
     if (tier == 0) {
         free (self->frozen);

@@ -54,6 +54,11 @@ typedef struct {
     size_t l0_max;
     dx_key_fn *key_of;              /* the dedup key of a stored entry */
     void *key_ctx;
+    /*  Where the filters of large builds live while they are built: an
+        unnamed file in this directory (NULL: in the heap), for filters of
+        at least filter_map_min bytes (0: 4 MiB). */
+    const char *scratch_dir;
+    size_t filter_map_min;
 } dx_tables;
 
 /*  One visible run as seen by one snapshot.  bits point into the LMDB map

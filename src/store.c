@@ -28,6 +28,7 @@ struct tly_store {
     dx_tables dx;                   /* the idempotency index's tables */
     uint8_t dedup_key[crypto_generichash_KEYBYTES];
     char data_path[4200];
+    char ledger_dir[4100];          /* scratch space of the index's builds */
 };
 
 struct tly_reader {
@@ -238,6 +239,8 @@ tly_store_open (const char *dir, size_t map_size, tly_store **out, const char **
     char path[4096];
     snprintf (path, sizeof path, "%s/ledger", dir);
     snprintf (self->data_path, sizeof self->data_path, "%s/data.mdb", path);
+    snprintf (self->ledger_dir, sizeof self->ledger_dir, "%s", path);
+    self->dx.scratch_dir = self->ledger_dir;
     if (mkdir_p (path)) {
         *why = strerror (errno);
         free (self);

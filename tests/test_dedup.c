@@ -80,6 +80,8 @@ setup (void **state)
     if (dx_open (txn, &f->t) || mdb_txn_commit (txn))
         return -1;
     f->t.l0_max = 64;
+    f->t.scratch_dir = f->dir;      /* every build's filter in a file mapping */
+    f->t.filter_map_min = 1;
     f->t.key_of = log_key;
     f->t.key_ctx = f;
     f->rng = 42;

@@ -61,6 +61,10 @@
     tables, nothing else changes; a format-6 ledger (no build records)
     only gets its new number, so that a format-6 tallyd refuses it.
     Data dirs of formats 1 to 4, and of formats above 7, are refused.
+    A build's Bloom filter grows in memory that is not the map: for
+    filters of 4 MiB and more, a shared mapping of an unnamed file in the
+    ledger's directory (so anonymous memory stays bounded whatever the
+    index's size), else the heap.
 
     Every appended entry, its nodes, its dedup record and the commit's signed
     head land in one LMDB transaction, fsync'd before the commit returns:
