@@ -5,7 +5,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/statfs.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 #include "dedup.h"
 
@@ -164,19 +167,22 @@ bloom_prefetch (const dx_view *view, const uint8_t key[TLY_DEDUP_LEN])
     "blooms" by the commit that publishes the run.  Held in the heap, that
     would be anonymous memory growing with the index.  So a large one lives
     in a shared mapping of an unnamed file (O_TMPFILE) in the ledger's
-    directory, its blocks reserved up front (no SIGBUS on a full disk):
-    the kernel writes its pages out under memory pressure instead of
-    holding them, and nothing is left behind after a crash.  Where that is
-    not possible (no O_TMPFILE, no space), the heap it is. */
+    directory: the kernel writes its pages out under memory pressure
+    instead of holding them, and nothing is left behind after a crash.
+    Only where that is safe and cheap, else in the heap as before:
+      - on ext4, XFS or tmpfs, whose fallocate reserves the blocks (a
+        copy-on-write file system would reserve them again at the first
+        write of a page, and a full disk there is a SIGBUS);
+      - with room to spare: the file must not take the space that LMDB
+        needs for the commits to come (free space at least 4 times the
+        filter, plus 1 GiB).
+    An I/O error on one of its pages is what it would be on the LMDB map
+    (which tallyd reads through a mapping too); a filter bit lost that way
+    is reported by the scrubber, which checks every key of every run
+    against its filter.  The publishing commit reads the whole filter,
+    from disk if its pages were written out. */
 #define FILTER_MAP_MIN_DEFAULT ((size_t) 4 << 20)
-
-static size_t
-filter_size (const uint8_t *filter)
-{
-    uint32_t nblocks;
-    memcpy (&nblocks, filter + 4, 4);
-    return BLOOM_HDR + (size_t) nblocks * BLOOM_BLOCK;
-}
+#define FILTER_DISK_SPARE ((uint64_t) 1 << 30)
 
 static size_t
 filter_map_min_of (const dx_tables *t)
@@ -184,23 +190,40 @@ filter_map_min_of (const dx_tables *t)
     return t->filter_map_min ? t->filter_map_min : FILTER_MAP_MIN_DEFAULT;
 }
 
+/*  Whether the file system of fd reserves fallocate'd blocks for good and
+    has room for size bytes besides what the ledger may still need. */
+static bool
+filter_file_ok (int fd, size_t size)
+{
+    struct statfs fs;
+    struct statvfs vfs;
+    if (fstatfs (fd, &fs) || fstatvfs (fd, &vfs))
+        return false;
+    if (fs.f_type != EXT4_SUPER_MAGIC && fs.f_type != XFS_SUPER_MAGIC
+    &&  fs.f_type != TMPFS_MAGIC)
+        return false;
+    uint64_t avail = (uint64_t) vfs.f_bavail * vfs.f_frsize;
+    return avail / 4 > (uint64_t) size && avail - (uint64_t) size * 4 > FILTER_DISK_SPARE;
+}
+
 /*  A zeroed filter of nblocks for a run of count keys in tier / slot;
-    *mapped says where it is, for filter_free. */
+    *map_len is the length of its mapping (0: it is in the heap), for
+    filter_free. */
 static uint8_t *
 filter_new (const dx_tables *t, uint64_t count, uint32_t nblocks, uint32_t tier, uint32_t slot,
-            bool *mapped)
+            size_t *map_len)
 {
     size_t size = BLOOM_HDR + (size_t) nblocks * BLOOM_BLOCK;
     uint8_t *filter = NULL;
-    *mapped = false;
+    *map_len = 0;
     if (t->scratch_dir && size >= filter_map_min_of (t)) {
         int fd = open (t->scratch_dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
         /*  fallocate, not posix_fallocate: no emulation that writes
             the whole file in this commit where the file system cannot. */
-        if (fd >= 0 && fallocate (fd, 0, 0, (off_t) size) == 0) {
+        if (fd >= 0 && filter_file_ok (fd, size) && fallocate (fd, 0, 0, (off_t) size) == 0) {
             void *p = mmap (NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
             filter = p == MAP_FAILED ? NULL : p;
-            *mapped = filter != NULL;
+            *map_len = filter ? size : 0;
         }
         if (fd >= 0)
             close (fd);             /* the mapping keeps the file */
@@ -213,10 +236,10 @@ filter_new (const dx_tables *t, uint64_t count, uint32_t nblocks, uint32_t tier,
 }
 
 static void
-filter_free (uint8_t *filter, bool mapped)
+filter_free (uint8_t *filter, size_t map_len)
 {
-    if (filter && mapped)
-        munmap (filter, filter_size (filter));
+    if (filter && map_len)
+        munmap (filter, map_len);
     else
         free (filter);
 }
@@ -532,7 +555,7 @@ typedef struct {
     uint64_t total, done;
     uint8_t last[TLY_DEDUP_LEN];    /* the last key written (done > 0) */
     uint8_t *filter;                /* BLOOM_HDR + nblocks * BLOOM_BLOCK */
-    bool mapped;                    /* filter is a file mapping (filter_new) */
+    size_t map_len;                 /* filter's mapping (filter_new); 0: heap */
     uint32_t nblocks;
     uint64_t refill;                /* resumed: keys its table held, to refilter */
     uint64_t refilled;              /* of those, back in the filter */
@@ -541,7 +564,7 @@ typedef struct {
 
 typedef struct {
     uint8_t *filter;
-    bool mapped;
+    size_t map_len;
 } dx_fresh;
 
 struct dx_writer {
@@ -574,7 +597,7 @@ static void
 drop_fresh (dx_writer *self)
 {
     for (size_t i = 0; i < self->nfresh; i++)
-        filter_free (self->fresh[i].filter, self->fresh[i].mapped);
+        filter_free (self->fresh[i].filter, self->fresh[i].map_len);
     self->nfresh = 0;
 }
 
@@ -585,7 +608,7 @@ static void
 forget_state (dx_writer *self)
 {
     for (unsigned j = 0; j < DX_TIERS; j++) {
-        filter_free (self->build[j].filter, self->build[j].mapped);
+        filter_free (self->build[j].filter, self->build[j].map_len);
         memset (&self->build[j], 0, sizeof self->build[j]);
     }
     free (self->frozen);
@@ -634,7 +657,7 @@ build_init (dx_writer *self, unsigned tier, uint32_t slot, uint64_t total)
 {
     dx_build *b = &self->build[tier];
     b->nblocks = bloom_nblocks (total);
-    b->filter = filter_new (self->t, total, b->nblocks, tier, slot, &b->mapped);
+    b->filter = filter_new (self->t, total, b->nblocks, tier, slot, &b->map_len);
     if (!b->filter)
         return TLY_ENOMEM;
     b->out = self->next_id++;
@@ -947,7 +970,7 @@ build_publish (dx_writer *self, unsigned tier)
         return err;
     if (grow (&self->fresh, &self->fresh_cap, self->nfresh, sizeof *self->fresh))
         return TLY_ENOMEM;
-    self->fresh[self->nfresh++] = (dx_fresh) { b->filter, b->mapped };
+    self->fresh[self->nfresh++] = (dx_fresh) { b->filter, b->map_len };
     dx_run run = { .id = b->out, .tier = tier, .slot = b->slot, .count = (uint32_t) b->total,
                    .nblocks = b->nblocks, .bits = b->filter + BLOOM_HDR };
     b->filter = NULL;
@@ -1135,7 +1158,7 @@ refill_step (dx_writer *self, unsigned tier, uint64_t budget)
         return TLY_OK;
     /*  Not what this build wrote: its table is emptied as dead. */
     self->dead[b->slot] = true;
-    filter_free (b->filter, b->mapped);
+    filter_free (b->filter, b->map_len);
     memset (b, 0, sizeof *b);
     if (tier == 0) {
         free (self->frozen);

@@ -64,7 +64,8 @@
     A build's Bloom filter grows in memory that is not the map: for
     filters of 4 MiB and more, a shared mapping of an unnamed file in the
     ledger's directory (so anonymous memory stays bounded whatever the
-    index's size), else the heap.
+    index's size) where the file system reserves its blocks (ext4, XFS,
+    tmpfs) and the disk has room to spare, else the heap.
 
     Every appended entry, its nodes, its dedup record and the commit's signed
     head land in one LMDB transaction, fsync'd before the commit returns:
