@@ -630,7 +630,7 @@ test_dedup_restart_mid_merge (void **state)
 /*  A format-5 ledger kept L0 in two tables, "dedup" and "dedup.1", and
     "dedup.state" said which took inserts.  Such a ledger, made here by
     hand from a format-6 one (its L0 keys split across both tables, as
-    after a switch), opens: it becomes format 7, the two tables are gone,
+    after a switch), opens: it becomes format 8, the two tables are gone,
     every key is found where it was, and appends and merges go on. */
 static void
 test_migrate_format_5 (void **state)
@@ -700,7 +700,7 @@ test_migrate_format_5 (void **state)
     assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
     assert_int_equal (mdb_get (txn, meta, &fk, &fv), 0);
     assert_int_equal (fv.mv_size, 1);
-    assert_memory_equal (fv.mv_data, "7", 1);
+    assert_memory_equal (fv.mv_data, "8", 1);
     assert_int_equal (mdb_dbi_open (txn, "dedup", 0, &gone), MDB_NOTFOUND);
     assert_int_equal (mdb_dbi_open (txn, "dedup.1", 0, &gone), MDB_NOTFOUND);
     mdb_txn_abort (txn);
@@ -770,19 +770,10 @@ set_format (fixture *f, const char *digit)
     mdb_env_close (env);
 }
 
-/*  A format-6 ledger opens as format 7 (it only lacks build records), and
-    a ledger of a format from a newer tallyd is refused. */
-static void
-test_format_6_and_8 (void **state)
+/*  The ledger's format digit. */
+static char
+format_now (fixture *f)
 {
-    fixture *f = *state;
-    tly_store *s;
-    const char *why = NULL;
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
-    tly_store_close (&s);
-    set_format (f, "6");
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
-    tly_store_close (&s);
     MDB_env *env;
     MDB_txn *txn;
     MDB_dbi meta;
@@ -791,30 +782,112 @@ test_format_6_and_8 (void **state)
     assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
     assert_int_equal (mdb_get (txn, meta, &k, &v), 0);
     assert_int_equal (v.mv_size, 1);
-    assert_memory_equal (v.mv_data, "7", 1);
+    char digit = *(const char *) v.mv_data;
     mdb_txn_abort (txn);
     mdb_env_close (env);
-    set_format (f, "8");
-    why = NULL;
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_EINVAL);
-    assert_non_null (why);
-    assert_non_null (strstr (why, "format"));
+    return digit;
 }
 
-/*  A format-1 ledger (single-table dedup index) is refused, clearly. */
+/*  Format-6 and format-7 ledgers open as format 8 (they only lack build
+    records and sealed heads); a format-1 ledger (single-table dedup
+    index) and one of a format from a newer tallyd are refused, clearly. */
 static void
-test_refuse_format_1 (void **state)
+test_format_6_7_and_9 (void **state)
 {
     fixture *f = *state;
     tly_store *s;
     const char *why = NULL;
     assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
     tly_store_close (&s);
-    set_format (f, "1");
-    why = NULL;
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_EINVAL);
-    assert_non_null (why);
-    assert_non_null (strstr (why, "format"));
+    assert_int_equal (format_now (f), '8');
+    for (const char *old = "67"; *old; old++) {
+        char digit[2] = { *old, 0 };
+        set_format (f, digit);
+        assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+        tly_store_close (&s);
+        assert_int_equal (format_now (f), '8');
+    }
+    for (const char *refused = "19"; *refused; refused++) {
+        char digit[2] = { *refused, 0 };
+        set_format (f, digit);
+        why = NULL;
+        assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_EINVAL);
+        assert_non_null (why);
+        assert_non_null (strstr (why, "format"));
+    }
+}
+
+typedef struct {
+    size_t n;
+    tly_seal seal[8];
+    uint64_t size[8];
+} seals_seen;
+
+static int
+seal_one (void *ctx, const tly_sth *sth, tly_seal seal)
+{
+    seals_seen *c = ctx;
+    if (c->n < 8) {
+        c->seal[c->n] = seal;
+        c->size[c->n++] = sth->tree_size;
+    }
+    return TLY_OK;
+}
+
+/*  Head records are sealed (format 8): the scan reports a matching seal,
+    a flipped bit anywhere in the record as a bad seal, and a record from
+    an earlier format (104 bytes) as unsealed, still readable. */
+static void
+test_sth_sealed (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    tly_writer *w;
+    tly_reader *r;
+    open_lsm (f, 64, &s, &w, &r);
+    int n = 0;
+    commit_keys (f, s, w, &n, 3, 5);            /* heads for sizes 5, 10, 15 */
+    close_lsm (&s, &w, &r);
+
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi sths;
+    raw_ledger_begin (f, 1 << 26, &env, &txn);
+    assert_int_equal (mdb_dbi_open (txn, "sths", MDB_INTEGERKEY, &sths), 0);
+    uint64_t size = 5;
+    MDB_val k = { 8, &size }, v;
+    assert_int_equal (mdb_get (txn, sths, &k, &v), 0);
+    assert_int_equal (v.mv_size, 120);
+    uint8_t rec[120];
+    memcpy (rec, v.mv_data, 120);
+    MDB_val old = { 104, rec };                 /* as format 7 stored it */
+    assert_int_equal (mdb_put (txn, sths, &k, &old, 0), 0);
+    size = 10;
+    assert_int_equal (mdb_get (txn, sths, &k, &v), 0);
+    memcpy (rec, v.mv_data, 120);
+    rec[50] ^= 0x10;                            /* a bit of the signature */
+    MDB_val bad = { 120, rec };
+    assert_int_equal (mdb_put (txn, sths, &k, &bad, 0), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+
+    open_lsm (f, 64, &s, &w, &r);
+    seals_seen c = { 0 };
+    uint64_t next;
+    bool done;
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    assert_int_equal (tly_reader_sth_scan (r, 0, 8, seal_one, &c, &next, &done), TLY_OK);
+    tly_sth old_head;
+    assert_int_equal (tly_reader_sth (r, 5, &old_head), TLY_OK);
+    assert_int_equal (tly_sth_verify (&old_head, f->pk), TLY_OK);
+    tly_reader_end (r);
+    assert_true (done);
+    assert_int_equal (c.n, 3);
+    assert_int_equal (c.size[0], 5);
+    assert_int_equal (c.seal[0], TLY_SEAL_NONE);
+    assert_int_equal (c.seal[1], TLY_SEAL_BAD);
+    assert_int_equal (c.seal[2], TLY_SEAL_OK);
+    close_lsm (&s, &w, &r);
 }
 
 int
@@ -828,8 +901,8 @@ main (void)
         cmocka_unit_test_setup_teardown (test_dedup_restart_mid_merge, setup, teardown),
         cmocka_unit_test_setup_teardown (test_migrate_format_5, setup, teardown),
         cmocka_unit_test_setup_teardown (test_covered_checked, setup, teardown),
-        cmocka_unit_test_setup_teardown (test_refuse_format_1, setup, teardown),
-        cmocka_unit_test_setup_teardown (test_format_6_and_8, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_format_6_7_and_9, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_sth_sealed, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);
 }

@@ -16,7 +16,9 @@
                of blocked Bloom filter (host byte order): one record per
                visible run
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
-      meta     "format" -> "7", "dedup_key" -> 32 random bytes,
+               || seal: BLAKE2b-128 of tree_size (u64, host order) || the
+               104 bytes (format 8; heads of earlier formats have none)
+      meta     "format" -> "8", "dedup_key" -> 32 random bytes,
                "dedup.state" -> version 3 (u32), 0 (u32), covered (u64):
                the runs hold the keys of the entries [0, covered);
                "dedup.build0" .. "dedup.build9" -> version 1 (u32),
@@ -57,10 +59,11 @@
     sources (a merge of large runs spans millions of events: a writer
     restarted more often than that would never finish one otherwise).
     tly_store_open moves a format-5 ledger (L0 in two tables, "dedup" and
-    "dedup.1") to format 7 in one txn: it records covered and drops those
-    tables, nothing else changes; a format-6 ledger (no build records)
-    only gets its new number, so that a format-6 tallyd refuses it.
-    Data dirs of formats 1 to 4, and of formats above 7, are refused.
+    "dedup.1") to format 8 in one txn: it records covered and drops those
+    tables, nothing else changes; a format-6 or -7 ledger (no build
+    records, no sealed heads) only gets its new number, so that an older
+    tallyd refuses it.  Data dirs of formats 1 to 4, and of formats above
+    8, are refused.
     A build's Bloom filter grows in memory that is not the map: for
     filters of 4 MiB and more, a shared mapping of an unnamed file in the
     ledger's directory (so anonymous memory stays bounded whatever the
@@ -72,7 +75,8 @@
     after a crash the ledger is exactly some committed prefix.  Every stored
     byte is covered by a hash the scrubber can check: leaves by their
     level-1 parents (the last, odd one by the signed root), nodes by their
-    children, the root by the signed head, visible dedup records by
+    children, the root by the signed head, each head record by its seal
+    (its signature and root only for the newest), visible dedup records by
     re-hashing the entry they name (L0 is not stored: it is re-derived
     from the entries); each visible run's Bloom filter must
     say "maybe" for every key of its run (a flipped bit there would hide a
@@ -159,7 +163,10 @@ typedef int (tly_dedup_fn) (void *ctx, const uint8_t dedup[TLY_DEDUP_LEN], uint6
 int tly_reader_dedup_scan (tly_reader *self, const uint8_t *after, size_t count,
                            tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN],
                            bool *done);
-typedef int (tly_sth_fn) (void *ctx, const tly_sth *sth);
+/*  Whether a stored head record matches its seal (format 8), or has none
+    (written by an earlier format: its signature is the only check). */
+typedef enum { TLY_SEAL_NONE, TLY_SEAL_OK, TLY_SEAL_BAD } tly_seal;
+typedef int (tly_sth_fn) (void *ctx, const tly_sth *sth, tly_seal seal);
 int tly_reader_sth_scan (tly_reader *self, uint64_t from, size_t count,
                          tly_sth_fn *fn, void *ctx, uint64_t *next, bool *done);
 
