@@ -433,10 +433,12 @@ txn_sth (tly_store *store, MDB_txn *txn, uint64_t tree_size, tly_sth *out)
         return TLY_ENOTFOUND;
     if (rc)
         return TLY_EIO;
+    uint64_t size;
     if (!sth_val_ok (&k, &v))
         return TLY_ECORRUPT;
-    uint64_t size;
     memcpy (&size, k.mv_data, 8);
+    if (sth_seal_of (size, &v) == TLY_SEAL_BAD)
+        return TLY_ECORRUPT;        /* never serve a head that changed on disk */
     sth_from_val (size, &v, out);
     return TLY_OK;
 }

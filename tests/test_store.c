@@ -835,8 +835,9 @@ seal_one (void *ctx, const tly_sth *sth, tly_seal seal)
 }
 
 /*  Head records are sealed (format 8): the scan reports a matching seal,
-    a flipped bit anywhere in the record as a bad seal, and a record from
-    an earlier format (104 bytes) as unsealed, still readable. */
+    a flipped bit anywhere in the record as a bad seal (and such a head is
+    never handed out), and a record from an earlier format (104 bytes) as
+    unsealed, still readable. */
 static void
 test_sth_sealed (void **state)
 {
@@ -877,9 +878,10 @@ test_sth_sealed (void **state)
     bool done;
     assert_int_equal (tly_reader_begin (r), TLY_OK);
     assert_int_equal (tly_reader_sth_scan (r, 0, 8, seal_one, &c, &next, &done), TLY_OK);
-    tly_sth old_head;
+    tly_sth old_head, bad_head;
     assert_int_equal (tly_reader_sth (r, 5, &old_head), TLY_OK);
     assert_int_equal (tly_sth_verify (&old_head, f->pk), TLY_OK);
+    assert_int_equal (tly_reader_sth (r, 10, &bad_head), TLY_ECORRUPT);     /* never served */
     tly_reader_end (r);
     assert_true (done);
     assert_int_equal (c.n, 3);
