@@ -713,6 +713,23 @@ build_record_del (dx_writer *self, unsigned tier)
     return rc == 0 || rc == MDB_NOTFOUND ? TLY_OK : TLY_EIO;
 }
 
+/*  Gives up build[tier] (its filter, its frozen keys, its record); its
+    table, no longer owned, is emptied as dead once marked so (state_load
+    marks every unowned table holding records). */
+static int
+build_drop (dx_writer *self, unsigned tier)
+{
+    dx_build *b = &self->build[tier];
+    filter_free (b->filter, b->map_len);
+    memset (b, 0, sizeof *b);
+    if (tier == 0) {
+        free (self->frozen);
+        self->frozen = NULL;
+    }
+    changed (self);
+    return build_record_del (self, tier);   /* a later start writes a new one */
+}
+
 /*  The visible run with this id, or NULL. */
 static const dx_run *
 view_find (const dx_view *view, uint32_t id)
@@ -739,11 +756,10 @@ build_resume (dx_writer *self, unsigned tier)
         return TLY_OK;
     if (rc)
         return TLY_EIO;
-    uint8_t rec[BUILD_REC];
+    const uint8_t *rec = v.mv_data;
     uint32_t version = 0, slot = DX_SLOTS, ids[MERGE_FANIN] = { 0 };
     uint64_t total = 0, sum = 0;
     if (v.mv_size == BUILD_REC) {
-        memcpy (rec, v.mv_data, BUILD_REC);
         memcpy (&version, rec, 4);
         memcpy (&slot, rec + 4, 4);
         memcpy (&total, rec + 8, 8);
@@ -787,11 +803,8 @@ build_resume (dx_writer *self, unsigned tier)
         if (rc && rc != MDB_NOTFOUND)
             return TLY_EIO;
     }
-    if (!ok) {
-        memset (b, 0, sizeof *b);
-        changed (self);
-        return build_record_del (self, tier);   /* a later start writes a new one */
-    }
+    if (!ok)
+        return build_drop (self, tier);
     if (tier == 0 && (rc = l0_sorted (&self->view.l0, (size_t) total, &self->frozen)))
         return rc;
     /*  A flush goes on appending frozen[done..]: its table must end where
@@ -800,13 +813,8 @@ build_resume (dx_writer *self, unsigned tier)
         last key, whatever that is; the refill checks the rest.) */
     if (tier == 0 && done > 0
     &&  (memcmp (b->last, self->frozen[done - 1].key, TLY_DEDUP_LEN)
-         || memcmp (&last_seq, &self->frozen[done - 1].seq, 8))) {
-        free (self->frozen);
-        self->frozen = NULL;
-        memset (b, 0, sizeof *b);
-        changed (self);
-        return build_record_del (self, tier);
-    }
+         || memcmp (&last_seq, &self->frozen[done - 1].seq, 8)))
+        return build_drop (self, tier);
     if ((rc = build_init (self, tier, slot, total)))
         return rc;
     b->done = done;
@@ -1158,14 +1166,7 @@ refill_step (dx_writer *self, unsigned tier, uint64_t budget)
         return TLY_OK;
     /*  Not what this build wrote: its table is emptied as dead. */
     self->dead[b->slot] = true;
-    filter_free (b->filter, b->map_len);
-    memset (b, 0, sizeof *b);
-    if (tier == 0) {
-        free (self->frozen);
-        self->frozen = NULL;
-    }
-    changed (self);
-    return build_record_del (self, tier);
+    return build_drop (self, tier);
 }
 
 /*  The runs merged lose their filter (invisible) and become dead: their
