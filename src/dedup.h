@@ -7,7 +7,10 @@
         a writer or reader rebuilds L0 from the log's tail and nothing of
         it is written (no random page writes per commit);
       - sorted runs, each in a table of its own from a pool of DX_SLOTS
-        ("run.0" .. "run.255"), keyed dedup; a run becomes visible when its
+        ("run.0" .. "run.255"), stored as blocks of up to 80 (key, seq)
+        records keyed by their last key (format 9; runs of earlier formats
+        have one record per key, and are read as such until merged into
+        a new run); a run becomes visible when its
         Bloom filter (which names its tier and table) is stored in "blooms",
         and invisible when that record is deleted;
       - builds (a flush of L0's oldest l0_max or more keys into tier 0, or a
@@ -59,6 +62,11 @@ typedef struct {
         at least filter_map_min bytes (0: 4 MiB). */
     const char *scratch_dir;
     size_t filter_map_min;
+    /*  Tests only: records per block of new runs (0: 80, the most), and
+        new runs laid out as before format 9 (one record per key), to make
+        the ledgers older tallyds left. */
+    size_t block_max;
+    bool legacy_layout;
 } dx_tables;
 
 /*  One visible run as seen by one snapshot.  bits point into the LMDB map
@@ -71,6 +79,7 @@ typedef struct {
     uint32_t slot;                  /* its table */
     uint32_t count;
     uint32_t nblocks;
+    bool packed;                    /* blocks of records (else one record per key) */
     const uint8_t *bits;
 } dx_run;
 

@@ -18,7 +18,7 @@
     50 us): a ledger keeps one head per commit, millions a day. */
 #define STH_SEAL_LEN 16
 #define STH_SEALED_LEN (STH_VAL_LEN + STH_SEAL_LEN)
-#define FORMAT "8"
+#define FORMAT "9"
 /*  L0 lives in memory: a larger one means fewer merge levels (each key is
     rewritten once per level) and fewer runs to ask, for more memory
     (about 60 bytes a key, in the writer and in each reader that looks
@@ -88,15 +88,23 @@ mkdir_p (const char *path)
 
 static int txn_size (tly_store *store, MDB_txn *txn, uint64_t *size);
 
-/*  The ledger's format: its digit, or 0 when meta has none. */
+/*  The ledger's format: its number (decimal, up to 3 digits, so that a
+    newer tallyd's format 10 reads as 10), or 0 when meta has none or it
+    is malformed. */
 static int
 format_of (MDB_txn *txn, MDB_dbi meta)
 {
     MDB_val k = { 6, "format" }, v;
-    if (mdb_get (txn, meta, &k, &v) || v.mv_size != 1)
+    if (mdb_get (txn, meta, &k, &v) || v.mv_size < 1 || v.mv_size > 3)
         return 0;
-    int f = *(const char *) v.mv_data;
-    return f >= '1' && f <= '9' ? f - '0' : 0;
+    int f = 0;
+    for (size_t i = 0; i < v.mv_size; i++) {
+        char c = ((const char *) v.mv_data)[i];
+        if (c < '0' || c > '9')
+            return 0;
+        f = f * 10 + (c - '0');
+    }
+    return f;
 }
 
 /*  Format 5 differs only in where L0 of the idempotency index lives. */
@@ -163,7 +171,7 @@ open_dbis (tly_store *self, const char **why)
             goto abort;
     }
     else
-    if (rc == 0 && (format < 5 || format > 8)) {
+    if (rc == 0 && (format < 5 || format > 9)) {
         mdb_txn_abort (txn);
         *why = "the ledger in this data dir is not format 5 to " FORMAT " (formats 1 to 4 "
                "laid out the idempotency index differently, and later ones are a newer "
@@ -185,17 +193,21 @@ open_dbis (tly_store *self, const char **why)
     /*  Format 7 added the records of builds in progress ("dedup.build<t>",
         src/dedup.c), which a format-6 tallyd would not keep up to date;
         format 8 seals new head records (16 bytes longer), which a format-7
-        tallyd cannot read.  The number moves so that an older tallyd
-        refuses the ledger.  A format-6 or -7 ledger has neither yet (its
-        heads stay unsealed and are checked by their signature), so moving
-        it on is writing the number. */
-    if (format == 6 || format == 7) {
+        tallyd cannot read; format 9 stores new runs of the index as blocks
+        of records (a run's filter header says which), which a format-8
+        tallyd would read as one record per key.  The number moves so that
+        an older tallyd refuses the ledger.  A format-6 to -8 ledger has
+        none of these yet (its heads stay unsealed and are checked by their
+        signature, its runs are read one record per key until merged), so
+        moving it on is writing the number. */
+    if (format >= 6 && format <= 8) {
         MDB_val fk = { 6, "format" }, fv = { 1, FORMAT };
         if ((rc = mdb_put (txn, self->meta, &fk, &fv, 0)))
             goto abort;
         tly_info ("store", "ledger format %d moved to format " FORMAT " (builds of the "
                            "idempotency index resume after a restart; new signed heads are "
-                           "sealed for the scrubber); nothing rewritten", format);
+                           "sealed for the scrubber; new index runs are stored in blocks); "
+                           "nothing rewritten", format);
     }
     if (format == 5) {
         int err = migrate_5 (self, txn);

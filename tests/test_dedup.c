@@ -250,21 +250,55 @@ scan_slice (fixture *f, seen_ctx *c, uint8_t pos[TLY_DEDUP_POS_LEN], bool starte
     visited twice).  In the end, all maintenance done, one scan visits
     every record in a run exactly once, and only visible runs' tables hold
     records. */
-static void
-test_dedup_model (void **state)
+/*  Rewrites the records of builds under way as format 8 wrote them
+    (version 1, no block size: one record per key); how many. */
+static int
+records_to_v1 (fixture *f)
 {
-    fixture *f = *state;
+    MDB_txn *txn;
+    int n = 0;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    for (unsigned j = 0; j < DX_TIERS; j++) {
+        char key[12] = "dedup.build";
+        key[11] = (char) ('0' + j);
+        MDB_val k = { sizeof key, key }, v;
+        if (mdb_get (txn, f->t.meta, &k, &v))
+            continue;
+        uint8_t rec[48];
+        uint32_t version = 1, block;
+        assert_int_equal (v.mv_size, 52);
+        memcpy (&block, (const uint8_t *) v.mv_data + 48, 4);
+        assert_int_equal (block, 0);
+        memcpy (rec, v.mv_data, sizeof rec);
+        memcpy (rec, &version, 4);
+        MDB_val nv = { sizeof rec, rec };
+        assert_int_equal (mdb_put (txn, f->t.meta, &k, &nv, 0), 0);
+        n++;
+    }
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    return n;
+}
+
+static void
+model (fixture *f, uint64_t legacy_until)
+{
     seen_ctx c = { .seen = calloc (KEYS_MAX, 1), .n = KEYS_MAX };
     uint8_t pos[TLY_DEDUP_POS_LEN];
     bool started = false;
     uint64_t scan_from = 0;         /* keys committed when the scan began */
-    int aborts = 0, restarts = 0, scans = 0;
+    int aborts = 0, restarts = 0, scans = 0, mixed = 0, builds_v1 = 0;
+    f->t.legacy_layout = legacy_until > 0;
     for (int round = 1; f->n < KEYS_MAX - 200; round++) {
         uint64_t count = 1 + below (f, below (f, 4) ? 24 : 180);
         bool commit = below (f, 5) != 0;
         txn_round (f, count, commit);
         aborts += !commit;
-        if (below (f, 60) == 0) {   /* a restart: the state is what is on disk */
+        bool upgrade = f->t.legacy_layout && f->n >= legacy_until;
+        if (upgrade) {              /* as a format-8 ledger opened by this tallyd */
+            f->t.legacy_layout = false;
+            builds_v1 += records_to_v1 (f);
+        }
+        if (upgrade || below (f, 60) == 0) {   /* a restart: the state is what is on disk */
             dx_writer_destroy (&f->w);
             assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
             restarts++;
@@ -280,10 +314,22 @@ test_dedup_model (void **state)
                 assert_true (c.seen[s] >= 1);
             scans++;
         }
-        if (round % 97 == 0)
+        if (round % 97 == 0) {
             check_lookups (f);
+            MDB_txn *txn;
+            dx_view view = { 0 };
+            size_t packed = 0;
+            view_begin (f, &txn, &view);
+            for (size_t i = 0; i < view.n; i++)
+                packed += view.runs[i].packed;
+            mixed += packed > 0 && packed < view.n;
+            assert_true (packed == 0 || !f->t.legacy_layout);
+            view_end (txn, &view);
+        }
     }
     assert_true (aborts > 0 && restarts > 0 && scans > 0);
+    assert_true (legacy_until == 0 || mixed > 0);   /* both layouts read in one view */
+    assert_true (legacy_until == 0 || builds_v1 > 0);
 
     MDB_txn *txn;
     finish_all (f);
@@ -304,10 +350,27 @@ test_dedup_model (void **state)
         used += st.ms_entries > 0;
     }
     assert_int_equal (used, view.n);
-    print_message ("dedup model: %llu keys, %d aborted txns, %d restarts, %d scans, %zu runs\n",
-                   (unsigned long long) f->n, aborts, restarts, scans, view.n);
+    print_message ("dedup model: %llu keys, %d aborted txns, %d restarts, %d scans, %zu runs, "
+                   "%d checks with both layouts\n", (unsigned long long) f->n, aborts, restarts,
+                   scans, view.n, mixed);
     view_end (txn, &view);
     free (c.seen);
+}
+
+static void
+test_dedup_model (void **state)
+{
+    model (*state, 0);
+}
+
+/*  A ledger whose runs were written before format 9 (one record per key),
+    opened by this version: its runs are read as they are, lookups, scans
+    and merges take both layouts (a build under way at the upgrade goes on
+    in its own), and the runs merged from then on are blocks. */
+static void
+test_dedup_model_from_legacy (void **state)
+{
+    model (*state, KEYS_MAX / 2);
 }
 
 /*  Commits as large as L0 or larger (a bulk import, tallyd's default
@@ -352,7 +415,7 @@ build_in_progress (fixture *f, unsigned tier, uint32_t *slot, uint64_t *total)
     assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
     bool on = mdb_get (txn, f->t.meta, &k, &v) == 0;
     if (on) {
-        assert_int_equal (v.mv_size, 16 + 4 * 8);
+        assert_int_equal (v.mv_size, 16 + 4 * 8 + 4);
         memcpy (slot, (const uint8_t *) v.mv_data + 4, 4);
         memcpy (total, (const uint8_t *) v.mv_data + 8, 8);
     }
@@ -360,15 +423,101 @@ build_in_progress (fixture *f, unsigned tier, uint32_t *slot, uint64_t *total)
     return on;
 }
 
+/*  A run table's records, in order, either layout: one per key (an
+    8-byte seq) or blocks of 24-byte records (*block: records in the
+    first; 0 for one per key). */
+typedef struct {
+    uint8_t key[TLY_DEDUP_LEN];
+    uint64_t seq;
+} rec;
+
+static size_t
+table_read (fixture *f, uint32_t slot, rec **out, size_t *block)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    size_t n = 0, cap = 0;
+    *out = NULL;
+    *block = 0;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal (mdb_cursor_open (txn, f->t.slot[slot], &cur), 0);
+    for (int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT)) {
+        bool packed = v.mv_size != 8;
+        size_t m = packed ? v.mv_size / 24 : 1;
+        if (n == 0)
+            *block = packed ? m : 0;
+        for (size_t i = 0; i < m; i++) {
+            if (n == cap)
+                assert_non_null (*out = realloc (*out, (cap = cap * 2 + 64) * sizeof **out));
+            const uint8_t *r = (const uint8_t *) v.mv_data + (packed ? i * 24 : 0);
+            memcpy ((*out)[n].key, packed ? r : k.mv_data, TLY_DEDUP_LEN);
+            memcpy (&(*out)[n++].seq, packed ? r + TLY_DEDUP_LEN : r, 8);
+        }
+    }
+    mdb_cursor_close (cur);
+    mdb_txn_abort (txn);
+    return n;
+}
+
+/*  Replaces table slot's content by recs[0..n), in blocks of `block`
+    records keyed by their last (0: one record per key), the first block
+    of `first` records (0: block). */
+static void
+table_write_from (fixture *f, uint32_t slot, const rec *recs, size_t n, size_t block,
+                  size_t first)
+{
+    MDB_txn *txn;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (mdb_drop (txn, f->t.slot[slot], 0), 0);
+    for (size_t i = 0; i < n;) {
+        size_t want = i == 0 && first ? first : block;
+        size_t m = block ? (n - i < want ? n - i : want) : 1;
+        uint8_t buf[80 * 24];
+        MDB_val k = { TLY_DEDUP_LEN, (void *) recs[i + m - 1].key }, v = { 8, (void *) &recs[i].seq };
+        if (block) {
+            for (size_t j = 0; j < m; j++) {
+                memcpy (buf + j * 24, recs[i + j].key, TLY_DEDUP_LEN);
+                memcpy (buf + j * 24 + TLY_DEDUP_LEN, &recs[i + j].seq, 8);
+            }
+            v.mv_size = m * 24;
+            v.mv_data = buf;
+        }
+        assert_int_equal (mdb_put (txn, f->t.slot[slot], &k, &v, 0), 0);
+        i += m;
+    }
+    assert_int_equal (mdb_txn_commit (txn), 0);
+}
+
+static void
+table_write (fixture *f, uint32_t slot, const rec *recs, size_t n, size_t block)
+{
+    table_write_from (f, slot, recs, n, block, 0);
+}
+
 static size_t
 table_count (fixture *f, uint32_t slot)
 {
-    MDB_txn *txn;
-    MDB_stat st;
-    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
-    assert_int_equal (mdb_stat (txn, f->t.slot[slot], &st), 0);
-    mdb_txn_abort (txn);
-    return st.ms_entries;
+    rec *recs;
+    size_t block, n = table_read (f, slot, &recs, &block);
+    free (recs);
+    return n;
+}
+
+/*  Replaces the record at position `at` (from the first; SIZE_MAX: the
+    last) of table slot with key/seq, keeping its layout. */
+static void
+tamper (fixture *f, uint32_t slot, size_t at, const uint8_t key[TLY_DEDUP_LEN], uint64_t seq)
+{
+    rec *recs;
+    size_t block, n = table_read (f, slot, &recs, &block);
+    assert_true (n > 0);
+    at = at < n ? at : n - 1;
+    memcpy (recs[at].key, key, TLY_DEDUP_LEN);
+    recs[at].seq = seq;
+    table_write (f, slot, recs, n, block);
+    free (recs);
 }
 
 /*  Whether table slot holds a visible run. */
@@ -400,6 +549,7 @@ test_dedup_resume_builds (void **state)
     size_t max_runs = 0, resumed[2] = { 0 }, before[2] = { 0 };
     uint32_t top = 0, slot[2] = { 0 };
     bool was[2] = { false };        /* a build of tier j in slot[j] at the last restart */
+    f->t.block_max = 4;             /* tables grow in blocks: see them grow */
     for (int c = 0; c < 1500; c++) {
         txn_round (f, 1 + below (f, 20), true);
         for (unsigned j = 0; j < 2; j++) {
@@ -441,36 +591,33 @@ test_dedup_resume_builds (void **state)
     check_lookups (f);
 }
 
-/*  Small commits until a tier-1 merge has written a few keys; its table. */
+/*  Small commits until a tier-1 merge has written more than `least`
+    keys; its table. */
 static uint32_t
-merge_under_way (fixture *f)
+merge_under_way (fixture *f, size_t least)
 {
     uint32_t slot = 0;
     uint64_t total = 0;
     int c = 0;
-    for (; c < 3000 && !(build_in_progress (f, 1, &slot, &total) && table_count (f, slot) > 2); c++)
+    for (; c < 3000 && !(build_in_progress (f, 1, &slot, &total) && table_count (f, slot) > least); c++)
         txn_round (f, 1 + below (f, 8), true);
     assert_true (c < 3000);
     return slot;
 }
 
-/*  A build's table that does not hold what its record says (here: a key
-    out of order appended behind the writer's back) is not resumed: the
+/*  A build's table that does not hold what its record says (here: its
+    first key replaced behind the writer's back) is not resumed: the
     build is dropped, its table emptied, and a new build of the same runs
     makes the index whole again. */
 static void
 test_dedup_resume_refuses_foreign (void **state)
 {
     fixture *f = *state;
-    uint32_t slot = merge_under_way (f);
+    uint32_t slot = merge_under_way (f, 2);
     dx_writer_destroy (&f->w);
     MDB_txn *txn;
     uint8_t key[TLY_DEDUP_LEN] = { 0 };     /* the lowest key: below every key there */
-    uint64_t seq = 0;
-    MDB_val k = { sizeof key, key }, v = { 8, &seq };
-    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
-    assert_int_equal (mdb_put (txn, f->t.slot[slot], &k, &v, 0), 0);
-    assert_int_equal (mdb_txn_commit (txn), 0);
+    tamper (f, slot, 0, key, 0);
     assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
     for (int i = 0; i < 200; i++)
         txn_round (f, 1 + below (f, 20), true);
@@ -503,32 +650,8 @@ flush_under_way (fixture *f, size_t least)
     return slot;
 }
 
-/*  Replaces the record at position `at` (from the first) of table slot
-    with key/seq, or appends key/seq when at is past the end. */
-static void
-tamper (fixture *f, uint32_t slot, size_t at, const uint8_t key[TLY_DEDUP_LEN], uint64_t seq)
-{
-    MDB_txn *txn;
-    MDB_cursor *cur;
-    MDB_val k, v;
-    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
-    assert_int_equal (mdb_cursor_open (txn, f->t.slot[slot], &cur), 0);
-    int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
-    for (size_t i = 0; rc == 0 && i < at; i++)
-        rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
-    if (rc == 0)
-        assert_int_equal (mdb_cursor_del (cur, 0), 0);
-    mdb_cursor_close (cur);
-    k.mv_size = TLY_DEDUP_LEN;
-    k.mv_data = (void *) key;
-    v.mv_size = 8;
-    v.mv_data = &seq;
-    assert_int_equal (mdb_put (txn, f->t.slot[slot], &k, &v, 0), 0);
-    assert_int_equal (mdb_txn_commit (txn), 0);
-}
-
 /*  A flush's table that ends in a key of its own (the writer would append
-    L0's next keys behind it) or holds a wrong record deeper than one
+    L0's next keys behind it), holds a wrong record deeper than one
     commit's refill reaches: the build is not resumed, or dropped when the
     refill gets there; commits go on without an error, and all maintenance
     done, the index holds every key once and none of the foreign ones. */
@@ -539,7 +662,7 @@ test_dedup_resume_checks_flush (void **state)
     uint8_t high[TLY_DEDUP_LEN];
     memset (high, 0xff, sizeof high);
     uint32_t slot = flush_under_way (f, 2600);       /* more than a commit refills */
-    tamper (f, slot, SIZE_MAX, high, 7);            /* a key after all of L0's */
+    tamper (f, slot, SIZE_MAX, high, 7);            /* its last key after all of L0's */
     assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
     for (int i = 0; i < 40; i++)
         txn_round (f, 50, true);
@@ -549,19 +672,12 @@ test_dedup_resume_checks_flush (void **state)
     uint64_t seq;
     {
         /*  Record 2400 keeps its key but names another entry. */
-        MDB_txn *txn;
-        MDB_cursor *cur;
-        MDB_val k, v;
-        assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
-        assert_int_equal (mdb_cursor_open (txn, f->t.slot[slot], &cur), 0);
-        int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
-        for (int i = 0; rc == 0 && i < 2400; i++)
-            rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
-        assert_int_equal (rc, 0);
-        memcpy (key, k.mv_data, TLY_DEDUP_LEN);
-        memcpy (&seq, v.mv_data, 8);
-        mdb_cursor_close (cur);
-        mdb_txn_abort (txn);
+        rec *recs;
+        size_t block;
+        assert_true (table_read (f, slot, &recs, &block) > 2400);
+        memcpy (key, recs[2400].key, TLY_DEDUP_LEN);
+        seq = recs[2400].seq;
+        free (recs);
     }
     tamper (f, slot, 2400, key, seq + 1);
     assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
@@ -579,13 +695,75 @@ test_dedup_resume_checks_flush (void **state)
     view_end (txn, &view);
 }
 
+/*  A merge's table whose records are right as far as they go, but fewer
+    than its blocks promise (the first block one short, the record its
+    count says is last missing), or more (the first block twice the
+    build's block size): the refill runs out of records, or ends before
+    the table's last key, and the build is dropped and made again, instead
+    of waiting forever for records or publishing a count it never had. */
+static void
+test_dedup_resume_checks_count (void **state)
+{
+    fixture *f = *state;
+    for (int more = 0; more < 2; more++) {
+        size_t size = more ? 4 : 80;
+        f->t.block_max = size;
+        dx_writer_destroy (&f->w);
+        assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+        uint32_t slot = merge_under_way (f, 160);
+        dx_writer_destroy (&f->w);
+        rec *recs;
+        size_t block, n = table_read (f, slot, &recs, &block);
+        assert_int_equal (block, size);
+        if (more)
+            table_write_from (f, slot, recs, n, size, 2 * size);
+        else
+            table_write_from (f, slot, recs, n - 1, size, size - 1);
+        free (recs);
+        assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+        for (int i = 0; i < 20; i++)
+            txn_round (f, 1 + below (f, 8), true);
+        finish_all (f);
+    }
+}
+
+/*  The map fills while a flush writes a block: that maintenance fails,
+    and so does any more asked for in the same txn (it must not add to the
+    block whose put failed: it has no room); after the abort, with room
+    again, the writer takes the flush up from what was committed. */
+static void
+test_dedup_map_full (void **state)
+{
+    fixture *f = *state;
+    f->t.l0_max = 4096;
+    dx_writer_destroy (&f->w);
+    assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+    uint32_t slot;
+    uint64_t total;
+    for (int c = 0; c < 100 && !build_in_progress (f, 0, &slot, &total); c++)
+        txn_round (f, 50, true);
+    assert_true (build_in_progress (f, 0, &slot, &total));
+    assert_int_equal (mdb_env_set_mapsize (f->env, 1), 0);     /* as small as it can be */
+    MDB_txn *txn;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (dx_writer_begin (f->w, txn, f->n), TLY_OK);
+    int err = dx_writer_finish (f->w);
+    assert_int_not_equal (err, TLY_OK);
+    assert_int_not_equal (dx_writer_maintain (f->w, 100), TLY_OK);
+    assert_int_not_equal (dx_writer_finish (f->w), TLY_OK);
+    mdb_txn_abort (txn);
+    dx_writer_end (f->w, false);
+    assert_int_equal (mdb_env_set_mapsize (f->env, (size_t) 1 << 28), 0);
+    finish_all (f);
+}
+
 /*  A merge whose input holds a malformed record fails its commit with
     TLY_ECORRUPT (and only fails it: no cursor closed twice). */
 static void
 test_dedup_merge_bad_input (void **state)
 {
     fixture *f = *state;
-    merge_under_way (f);
+    merge_under_way (f, 2);
     MDB_txn *txn;
     dx_view view = { 0 };
     view_begin (f, &txn, &view);
@@ -620,16 +798,125 @@ test_dedup_merge_bad_input (void **state)
     assert_true (failed > 0);
 }
 
+/*  Rewrites table slot as recs[4..n) in blocks of 80, then two blocks
+    of two records each, a[] and b[], keyed by ka and kb: the lookups'
+    invariants broken on purpose. */
+static void
+blocks_put (fixture *f, uint32_t slot, const rec *recs, size_t n, const rec a[2],
+            const uint8_t *ka, const rec b[2], const uint8_t *kb)
+{
+    table_write (f, slot, recs + 4, n - 4, 80);
+    MDB_txn *txn;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    for (int i = 0; i < 2; i++) {
+        const rec *r = i ? b : a;
+        uint8_t buf[2 * 24];
+        for (int j = 0; j < 2; j++) {
+            memcpy (buf + j * 24, r[j].key, TLY_DEDUP_LEN);
+            memcpy (buf + j * 24 + TLY_DEDUP_LEN, &r[j].seq, 8);
+        }
+        MDB_val k = { TLY_DEDUP_LEN, (void *) (i ? kb : ka) }, v = { sizeof buf, buf };
+        assert_int_equal (mdb_put (txn, f->t.slot[slot], &k, &v, 0), 0);
+    }
+    assert_int_equal (mdb_txn_commit (txn), 0);
+}
+
+static int
+count_one (void *arg, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq)
+{
+    (void) dedup;
+    (void) seq;
+    ++*(size_t *) arg;
+    return TLY_OK;
+}
+
+static int
+scan_all (fixture *f, size_t *visited)
+{
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    uint8_t pos[TLY_DEDUP_POS_LEN];
+    bool done;
+    *visited = 0;
+    view_begin (f, &txn, &view);
+    int err = dx_scan (&f->t, txn, &view, NULL, SIZE_MAX, count_one, visited, pos, &done);
+    view_end (txn, &view);
+    return err;
+}
+
+/*  A lookup finds a key in the first block whose last key is not below
+    it, so the scrubber's scan must report what would hide keys: a block
+    not keyed by its last record, or one whose keys are not above those of
+    the block before.  An intact table scans clean, records and all. */
+static void
+test_dedup_scan_checks_blocks (void **state)
+{
+    fixture *f = *state;
+    for (int i = 0; i < 300; i++)
+        txn_round (f, 20, true);
+    finish_all (f);
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    view_begin (f, &txn, &view);
+    dx_run run = view.runs[0];
+    for (size_t i = 1; i < view.n; i++)
+        run = view.runs[i].count > run.count ? view.runs[i] : run;
+    view_end (txn, &view);
+    assert_true (run.packed && run.count > 200);
+    MDB_stat st;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal (mdb_stat (txn, f->t.slot[run.slot], &st), 0);
+    mdb_txn_abort (txn);
+    assert_int_equal (st.ms_overflow_pages, 0);     /* two blocks a page, none beside */
+    assert_int_equal (st.ms_leaf_pages, (run.count + 159) / 160);
+    rec *recs;
+    size_t block, n = table_read (f, run.slot, &recs, &block), visited;
+    assert_int_equal (n, run.count);
+    assert_int_equal (block, 80);
+    assert_int_equal (scan_all (f, &visited), TLY_OK);
+    size_t all = visited;
+
+    /*  The first 4 records as two blocks of two: well formed. */
+    rec a[2] = { recs[0], recs[1] }, b[2] = { recs[2], recs[3] };
+    blocks_put (f, run.slot, recs, n, a, recs[1].key, b, recs[3].key);
+    assert_int_equal (scan_all (f, &visited), TLY_OK);
+    assert_int_equal (visited, all);
+
+    /*  The first block keyed by a key that is not its last record. */
+    uint8_t off[TLY_DEDUP_LEN];
+    memcpy (off, recs[1].key, sizeof off);
+    off[TLY_DEDUP_LEN - 1] ^= 1;
+    blocks_put (f, run.slot, recs, n, a, off, b, recs[3].key);
+    assert_int_equal (scan_all (f, &visited), TLY_ECORRUPT);
+
+    /*  Each block sorted and keyed by its last, but the second's first
+        key below the first's last: a lookup of recs[1] would look in the
+        first block only, and miss it. */
+    rec a2[2] = { recs[0], recs[2] }, b2[2] = { recs[1], recs[3] };
+    blocks_put (f, run.slot, recs, n, a2, recs[2].key, b2, recs[3].key);
+    assert_int_equal (scan_all (f, &visited), TLY_ECORRUPT);
+
+    /*  A block whose records are out of order. */
+    rec a3[2] = { recs[1], recs[0] };
+    blocks_put (f, run.slot, recs, n, a3, recs[0].key, b, recs[3].key);
+    assert_int_equal (scan_all (f, &visited), TLY_ECORRUPT);
+    free (recs);
+}
+
 int
 main (void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown (test_dedup_model, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_model_from_legacy, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_scan_checks_blocks, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_large_commits, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_resume_builds, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_resume_refuses_foreign, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_resume_checks_flush, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_resume_checks_count, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_merge_bad_input, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_map_full, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);
 }

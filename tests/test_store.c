@@ -630,7 +630,7 @@ test_dedup_restart_mid_merge (void **state)
 /*  A format-5 ledger kept L0 in two tables, "dedup" and "dedup.1", and
     "dedup.state" said which took inserts.  Such a ledger, made here by
     hand from a format-6 one (its L0 keys split across both tables, as
-    after a switch), opens: it becomes format 8, the two tables are gone,
+    after a switch), opens: it becomes format 9, the two tables are gone,
     every key is found where it was, and appends and merges go on. */
 static void
 test_migrate_format_5 (void **state)
@@ -700,7 +700,7 @@ test_migrate_format_5 (void **state)
     assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
     assert_int_equal (mdb_get (txn, meta, &fk, &fv), 0);
     assert_int_equal (fv.mv_size, 1);
-    assert_memory_equal (fv.mv_data, "8", 1);
+    assert_memory_equal (fv.mv_data, "9", 1);
     assert_int_equal (mdb_dbi_open (txn, "dedup", 0, &gone), MDB_NOTFOUND);
     assert_int_equal (mdb_dbi_open (txn, "dedup.1", 0, &gone), MDB_NOTFOUND);
     mdb_txn_abort (txn);
@@ -764,7 +764,7 @@ set_format (fixture *f, const char *digit)
     MDB_dbi meta;
     raw_ledger_begin (f, 1 << 26, &env, &txn);
     assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
-    MDB_val k = { 6, "format" }, v = { 1, (void *) digit };
+    MDB_val k = { 6, "format" }, v = { strlen (digit), (void *) digit };
     assert_int_equal (mdb_put (txn, meta, &k, &v, 0), 0);
     assert_int_equal (mdb_txn_commit (txn), 0);
     mdb_env_close (env);
@@ -788,28 +788,28 @@ format_now (fixture *f)
     return digit;
 }
 
-/*  Format-6 and format-7 ledgers open as format 8 (they only lack build
-    records and sealed heads); a format-1 ledger (single-table dedup
+/*  Format-6 to -8 ledgers open as format 9 (they only lack build records,
+    sealed heads and runs in blocks); a format-1 ledger (single-table dedup
     index) and one of a format from a newer tallyd are refused, clearly. */
 static void
-test_format_6_7_and_9 (void **state)
+test_format_6_to_8_and_10 (void **state)
 {
     fixture *f = *state;
     tly_store *s;
     const char *why = NULL;
     assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
     tly_store_close (&s);
-    assert_int_equal (format_now (f), '8');
-    for (const char *old = "67"; *old; old++) {
+    assert_int_equal (format_now (f), '9');
+    for (const char *old = "678"; *old; old++) {
         char digit[2] = { *old, 0 };
         set_format (f, digit);
         assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
         tly_store_close (&s);
-        assert_int_equal (format_now (f), '8');
+        assert_int_equal (format_now (f), '9');
     }
-    for (const char *refused = "19"; *refused; refused++) {
-        char digit[2] = { *refused, 0 };
-        set_format (f, digit);
+    static const char *refused[] = { "1", "10", ":" };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        set_format (f, refused[i]);
         why = NULL;
         assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_EINVAL);
         assert_non_null (why);
@@ -903,7 +903,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_dedup_restart_mid_merge, setup, teardown),
         cmocka_unit_test_setup_teardown (test_migrate_format_5, setup, teardown),
         cmocka_unit_test_setup_teardown (test_covered_checked, setup, teardown),
-        cmocka_unit_test_setup_teardown (test_format_6_7_and_9, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_format_6_to_8_and_10, setup, teardown),
         cmocka_unit_test_setup_teardown (test_sth_sealed, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);

@@ -8,22 +8,27 @@
                completed, m = ((index + 1) << level) - 1: appends only).
                Levels >= 1 only: a leaf hash is SHA-256 of bytes already
                stored, so tly_reader_node (0, seq) computes it from the entry.
-      run.0 .. run.255  dedup (16-byte keyed BLAKE2b of (customer, key))
-               -> seq (u64): one sorted run each (or
-               empty, or a run being built or dead)
+      run.0 .. run.255  one sorted run each (or empty, or a run being
+               built or dead), as blocks (format 9): the last dedup
+               (16-byte keyed BLAKE2b of (customer, key)) of the block ->
+               1 to 80 records of dedup || seq (u64, host order), keys
+               ascending and above the previous block's; runs built before
+               format 9 have one record per key, dedup -> seq (u64)
       blooms   run id (u32 big-endian) -> count (u32) || nblocks (u32) ||
-               tier (u32) || table (u32: the N of run.N) || nblocks * 64 B
-               of blocked Bloom filter (host byte order): one record per
-               visible run
+               tier (u32; bit 16 set: the run is stored as blocks) ||
+               table (u32: the N of run.N) || nblocks * 64 B of blocked
+               Bloom filter (host byte order): one record per visible run
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
                || seal: BLAKE2b-128 of tree_size (u64, host order) || the
                104 bytes (format 8; heads of earlier formats have none)
-      meta     "format" -> "8", "dedup_key" -> 32 random bytes,
+      meta     "format" -> "9", "dedup_key" -> 32 random bytes,
                "dedup.state" -> version 3 (u32), 0 (u32), covered (u64):
                the runs hold the keys of the entries [0, covered);
-               "dedup.build0" .. "dedup.build9" -> version 1 (u32),
+               "dedup.build0" .. "dedup.build9" -> version 2 (u32),
                table (u32), total (u64), the ids (u32) of the 8 runs
-               merged (0 for a flush): a build of that tier under way
+               merged (0 for a flush), records per block (u32; 0: one
+               record per key): a build of that tier under way (version
+               1, format 8, has no block size: one record per key)
 
     The deduplication index is a small LSM tree, so that what a commit
     writes stays proportional to the commit, and sequential, at any index
@@ -36,7 +41,9 @@
         log's tail when it starts, and adds each new entry's key after;
       - when L0 holds >= l0_max keys (131072; env TALLY_L0_MAX or
         tly_store_set_l0_max), all of them are sorted and copied, a slice
-        per commit, into a new run of tier 0 with MDB_APPEND; its Bloom
+        per commit, into a new run of tier 0 with MDB_APPEND, in blocks of
+        80 keys (one put per block: a fifth of the writer's time went to
+        puts of single keys at 50M entries); its Bloom
         filter (16 bits per key; 12 in runs built by earlier versions,
         which its size records; one 64-byte block picked by range from dedup
         bytes 0..3, 7 bits in it from bytes 8..15: ~0.1% false positives)
@@ -59,11 +66,12 @@
     sources (a merge of large runs spans millions of events: a writer
     restarted more often than that would never finish one otherwise).
     tly_store_open moves a format-5 ledger (L0 in two tables, "dedup" and
-    "dedup.1") to format 8 in one txn: it records covered and drops those
-    tables, nothing else changes; a format-6 or -7 ledger (no build
-    records, no sealed heads) only gets its new number, so that an older
+    "dedup.1") to format 9 in one txn: it records covered and drops those
+    tables, nothing else changes; a format-6 to -8 ledger (no build
+    records, no sealed heads, runs of one record per key, each of which
+    stays readable as such) only gets its new number, so that an older
     tallyd refuses it.  Data dirs of formats 1 to 4, and of formats above
-    8, are refused.
+    9, are refused.
     A build's Bloom filter grows in memory that is not the map: for
     filters of 4 MiB and more, a shared mapping of an unnamed file in the
     ledger's directory (so anonymous memory stays bounded whatever the
