@@ -277,13 +277,15 @@ typedef struct {
     MDB_cursor *cur;
     bool packed;
     bool live;                      /* key and seq hold the current record */
+    bool above;                     /* the next record must be above key */
     uint8_t key[TLY_DEDUP_LEN];
     uint64_t seq;
     size_t n, i;                    /* packed: records in blk, the next one */
     uint8_t blk[BLOCK_BYTES];       /* a copy: no pointer into the map kept */
 } run_cursor;
 
-/*  Takes the block k/v into c; records up to `after` (if any) are skipped. */
+/*  Takes the block k/v into c, checked whole (ascending, keyed by its
+    last record); records up to `after` (if any) are skipped. */
 static int
 block_load (run_cursor *c, const MDB_val *k, const MDB_val *v, const uint8_t *after)
 {
@@ -292,6 +294,9 @@ block_load (run_cursor *c, const MDB_val *k, const MDB_val *v, const uint8_t *af
     ||  memcmp ((const uint8_t *) v->mv_data + (n - 1) * REC_LEN, k->mv_data, TLY_DEDUP_LEN))
         return TLY_ECORRUPT;
     memcpy (c->blk, v->mv_data, v->mv_size);
+    for (size_t i = 1; i < n; i++)
+        if (memcmp (c->blk + (i - 1) * REC_LEN, c->blk + i * REC_LEN, TLY_DEDUP_LEN) >= 0)
+            return TLY_ECORRUPT;
     c->n = n;
     c->i = 0;
     while (after && c->i < n && memcmp (c->blk + c->i * REC_LEN, after, TLY_DEDUP_LEN) <= 0)
@@ -307,15 +312,16 @@ rcur_step (run_cursor *c, MDB_cursor_op op, const uint8_t *after)
     for (;;) {
         if (c->packed && c->i < c->n) {
             const uint8_t *r = c->blk + c->i++ * REC_LEN;
-            if (c->live && memcmp (r, c->key, TLY_DEDUP_LEN) <= 0)
+            if (c->above && memcmp (r, c->key, TLY_DEDUP_LEN) <= 0)
                 break;              /* out of order: lookups would miss keys */
             memcpy (c->key, r, TLY_DEDUP_LEN);
             memcpy (&c->seq, r + TLY_DEDUP_LEN, 8);
-            c->live = true;
+            c->live = c->above = true;
             return TLY_OK;
         }
         MDB_val k = { TLY_DEDUP_LEN, (void *) after }, v;
         int rc = mdb_cursor_get (c->cur, &k, &v, op);
+        const uint8_t *skip = op == MDB_SET_RANGE ? after : NULL;   /* the first block only */
         op = MDB_NEXT;
         if (rc == MDB_NOTFOUND) {
             c->live = false;
@@ -326,13 +332,13 @@ rcur_step (run_cursor *c, MDB_cursor_op op, const uint8_t *after)
             return TLY_EIO;
         }
         if (c->packed) {
-            if (block_load (c, &k, &v, after))
+            if (block_load (c, &k, &v, skip))
                 break;
             continue;
         }
         if (k.mv_size != TLY_DEDUP_LEN || v.mv_size != 8)
             break;
-        if (after && memcmp (k.mv_data, after, TLY_DEDUP_LEN) == 0)
+        if (skip && memcmp (k.mv_data, skip, TLY_DEDUP_LEN) == 0)
             continue;               /* MDB_SET_RANGE found `after` itself */
         memcpy (c->key, k.mv_data, TLY_DEDUP_LEN);
         memcpy (&c->seq, v.mv_data, 8);
@@ -350,6 +356,9 @@ rcur_open (MDB_txn *txn, MDB_dbi dbi, bool packed, const uint8_t *after, run_cur
 {
     c->packed = packed;
     c->live = false;
+    c->above = after != NULL;       /* a resumed read goes on above `after` */
+    if (after)
+        memcpy (c->key, after, TLY_DEDUP_LEN);
     c->n = c->i = 0;
     if (mdb_cursor_open (txn, dbi, &c->cur)) {
         c->cur = NULL;

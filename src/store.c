@@ -88,21 +88,24 @@ mkdir_p (const char *path)
 
 static int txn_size (tly_store *store, MDB_txn *txn, uint64_t *size);
 
-/*  The ledger's format: its number (decimal, up to 3 digits, so that a
-    newer tallyd's format 10 reads as 10), or 0 when meta has none or it
-    is malformed. */
+/*  The ledger's format: its number (decimal, 1 to 3 digits without a
+    leading zero, so that a newer tallyd's format 10 reads as 10); 0 when
+    meta has none (a new ledger), -1 when it is malformed. */
 static int
 format_of (MDB_txn *txn, MDB_dbi meta)
 {
     MDB_val k = { 6, "format" }, v;
-    if (mdb_get (txn, meta, &k, &v) || v.mv_size < 1 || v.mv_size > 3)
-        return 0;
+    int rc = mdb_get (txn, meta, &k, &v);
+    if (rc)
+        return rc == MDB_NOTFOUND ? 0 : -1;
+    const char *d = v.mv_data;
+    if (v.mv_size < 1 || v.mv_size > 3 || d[0] == '0')
+        return -1;
     int f = 0;
     for (size_t i = 0; i < v.mv_size; i++) {
-        char c = ((const char *) v.mv_data)[i];
-        if (c < '0' || c > '9')
-            return 0;
-        f = f * 10 + (c - '0');
+        if (d[i] < '0' || d[i] > '9')
+            return -1;
+        f = f * 10 + (d[i] - '0');
     }
     return f;
 }
@@ -161,6 +164,16 @@ open_dbis (tly_store *self, const char **why)
     int format = format_of (txn, self->meta);   /* 0 in a new ledger */
     MDB_val k = { 9, "dedup_key" }, v;
     rc = mdb_get (txn, self->meta, &k, &v);
+    if ((rc == 0 || rc == MDB_NOTFOUND) && (format < 0 || (format == 0) != (rc != 0))) {
+        /*  A format without a key, or a key without a (well-formed)
+            format: not a new ledger, and not one this tallyd wrote. */
+        mdb_txn_abort (txn);
+        *why = rc ? "meta/dedup_key is missing from a ledger that has a format: the ledger "
+                    "is corrupt; restore this data dir from a backup"
+                  : "meta/format is missing or malformed: the ledger is corrupt; restore "
+                    "this data dir from a backup";
+        return TLY_ECORRUPT;
+    }
     if (rc == MDB_NOTFOUND) {
         randombytes_buf (self->dedup_key, sizeof self->dedup_key);
         v.mv_size = sizeof self->dedup_key;

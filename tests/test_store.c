@@ -807,14 +807,34 @@ test_format_6_to_8_and_10 (void **state)
         tly_store_close (&s);
         assert_int_equal (format_now (f), '9');
     }
-    static const char *refused[] = { "1", "10", ":" };
+    /*  Formats it does not read, then format numbers that are malformed. */
+    static const char *refused[] = { "1", "10", "999", ":", "09", "", "1000" };
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
         set_format (f, refused[i]);
         why = NULL;
-        assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_EINVAL);
+        assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why),
+                          i < 3 ? TLY_EINVAL : TLY_ECORRUPT);
         assert_non_null (why);
         assert_non_null (strstr (why, "format"));
     }
+    /*  A ledger with a format but no dedup key is not a new one. */
+    set_format (f, "9");
+    {
+        MDB_env *env;
+        MDB_txn *txn;
+        MDB_dbi meta;
+        raw_ledger_begin (f, 1 << 26, &env, &txn);
+        assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
+        MDB_val k = { 9, "dedup_key" };
+        assert_int_equal (mdb_del (txn, meta, &k, NULL), 0);
+        assert_int_equal (mdb_txn_commit (txn), 0);
+        mdb_env_close (env);
+    }
+    why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
+    assert_non_null (why);
+    assert_non_null (strstr (why, "dedup_key"));
+    assert_int_equal (format_now (f), '9');         /* left as it was */
 }
 
 typedef struct {
