@@ -13,10 +13,11 @@
       4. heads: each stored head record matches its seal (a BLAKE2b-128
          over the record, format 8); the newest head of the pass, each head
          stored before format 8 and one sealed head in 64 (another each
-         pass) verify with log.pub and their roots equal the roots
-         recomputed from the stored nodes.  (Verifying every signature
+         pass, from a random start, so that restarts do not check the same
+         heads over and over) verify with log.pub and their roots equal the
+         roots recomputed from the stored nodes.  (Verifying every signature
          would cost about 50 us per commit ever made: with small commits,
-         hours per pass.)
+         hours per pass.  TALLY_HEADS_FULL=N checks one in N instead.)
     Passes run in slices between heartbeats, paced so that a full pass takes
     about half of --verify-interval: a byte corrupted anywhere in those
     records is found within one interval.  The scrubber never takes more
@@ -29,6 +30,8 @@
     `verify`.
 */
 #include <errno.h>
+#include <sodium.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #if defined(__linux__)
@@ -44,7 +47,8 @@
 #define WHO "reconcile"
 #define TICK_MS 100
 #define FAST_SLICE 20000
-#define HEADS_FULL 64               /* check_sth_one */
+#define HEADS_FULL 64               /* check_sth_one; env TALLY_HEADS_FULL */
+#define HEADS_FULL_MAX 1000000
 
 typedef enum { PH_ENTRIES, PH_NODES, PH_DEDUP, PH_STHS, PH_DONE } phase_t;
 
@@ -62,8 +66,9 @@ typedef struct {
     tly_reader *reader;
     phase_t phase;
     uint64_t size;                  /* tree size when the pass began */
-    uint64_t passes;                /* passes begun */
+    uint64_t passes;                /* passes begun, from a random start */
     uint64_t heads;                 /* heads seen in this pass */
+    uint64_t heads_full;            /* one sealed head in this many in full */
     uint64_t pos;                   /* entries / sth position */
     unsigned level;                 /* nodes: current level */
     uint8_t dedup_last[TLY_DEDUP_POS_LEN];
@@ -230,9 +235,9 @@ check_sth_one (void *arg, const tly_sth *sth, tly_seal seal)
         is checked in full (its signature, and its root against the nodes)
         for the pass's newest head, which also covers the last leaf when
         the tree's size is odd; for every head of an earlier format; and
-        for one head in HEADS_FULL, a different one each pass, so that over
-        HEADS_FULL passes every head is. */
-    bool turn = (self->heads++ + self->passes) % HEADS_FULL == 0;
+        for one head in heads_full, a different one each pass, so that over
+        heads_full passes every head is. */
+    bool turn = (self->heads++ + self->passes) % self->heads_full == 0;
     if (seal == TLY_SEAL_OK && sth->tree_size != self->size && !turn)
         return TLY_OK;
     if (tly_sth_verify (sth, self->env->pk)) {
@@ -417,7 +422,16 @@ int
 tly_reconcile_actor (tly_child_ctx *ctx, void *args)
 {
     tly_actor_env *env = args;
-    recon_t self = { .ctx = ctx, .env = env, .last = { .ok = true } };
+    recon_t self = { .ctx = ctx, .env = env, .last = { .ok = true }, .heads_full = HEADS_FULL };
+    /*  For tuning and tests; a value that does not parse keeps the default. */
+    const char *env_full = getenv ("TALLY_HEADS_FULL");
+    unsigned long long full = env_full ? strtoull (env_full, NULL, 10) : 0;
+    if (full >= 1 && full <= HEADS_FULL_MAX)
+        self.heads_full = full;
+    /*  Counted from 0 at every start, the passes would check the same
+        heads in full after each restart: a tallyd restarted more often
+        than heads_full passes take would never check the others. */
+    self.passes = randombytes_uniform ((uint32_t) self.heads_full);
     lower_priority (env->verify_nice);
     if (tly_reader_new (env->store, &self.reader)) {
         tly_error (WHO, "cannot start: out of memory");

@@ -77,6 +77,8 @@ usage (FILE *out)
 "Environment (tuning and diagnosis; leave unset in production):\n"
 "  TALLY_L0_MAX=N          keys in the dedup index's L0 before a flush [131072]\n"
 "  TALLY_SHA256=portable   hash with libsodium even where the CPU has SHA-NI\n"
+"  TALLY_HEADS_FULL=N      the scrubber checks one signed head in N in full\n"
+"                          (signature and root), the others by their seal [64]\n"
 "\n"
 "Signals: SIGTERM or SIGINT stops taking requests, answers those in flight,\n"
 "and exits 0.  Exit status 70: the supervisor gave up (restart intensity\n"

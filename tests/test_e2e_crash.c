@@ -733,6 +733,114 @@ test_corrupt_head_at_rest (void **state)
     e2e_pass ();
 }
 
+/*  Rewrites a stored head that is neither the first nor the newest (the
+    newest and, on every pass, a rotating one in TALLY_HEADS_FULL are
+    checked in full; the others only by their seal).  reseal: change a
+    byte of its root and seal the record again, as a bug that wrote a
+    wrong head would; else flip a bit of its signature and leave the seal.
+    Returns the head's tree size. */
+#define STH_VAL_LEN (8 + 32 + 64)
+#define STH_SEAL_LEN 16
+
+static uint64_t
+tamper_old_head (const char *dir, bool reseal)
+{
+    char env_dir[256];
+    snprintf (env_dir, sizeof env_dir, "%s/ledger", dir);
+    MDB_env *env = NULL;
+    MDB_txn *txn = NULL;
+    MDB_cursor *cur = NULL;
+    MDB_dbi dbi;
+    assert_int_equal (mdb_env_create (&env), 0);
+    mdb_env_set_maxdbs (env, 64);
+    assert_int_equal (mdb_env_open (env, env_dir, 0, 0644), 0);
+    assert_int_equal (mdb_txn_begin (env, NULL, 0, &txn), 0);
+    assert_int_equal (mdb_dbi_open (txn, "sths", MDB_INTEGERKEY, &dbi), 0);
+    MDB_stat st;
+    assert_int_equal (mdb_stat (txn, dbi, &st), 0);
+    assert_true (st.ms_entries >= 3);
+    assert_int_equal (mdb_cursor_open (txn, dbi, &cur), 0);
+    MDB_val k, v;
+    int op = MDB_FIRST;
+    for (size_t i = 0; i <= st.ms_entries / 2; i++, op = MDB_NEXT)
+        assert_int_equal (mdb_cursor_get (cur, &k, &v, op), 0);
+    assert_int_equal (k.mv_size, 8);
+    assert_int_equal (v.mv_size, STH_VAL_LEN + STH_SEAL_LEN);    /* format 8 and later */
+    uint64_t size;
+    memcpy (&size, k.mv_data, 8);
+    uint8_t val[STH_VAL_LEN + STH_SEAL_LEN];
+    memcpy (val, v.mv_data, sizeof val);
+    mdb_cursor_close (cur);
+    if (reseal) {
+        val[8 + 3] ^= 0x40;                 /* the root */
+        crypto_generichash_state hs;
+        crypto_generichash_init (&hs, NULL, 0, STH_SEAL_LEN);
+        crypto_generichash_update (&hs, (const uint8_t *) &size, 8);
+        crypto_generichash_update (&hs, val, STH_VAL_LEN);
+        crypto_generichash_final (&hs, val + STH_VAL_LEN, STH_SEAL_LEN);
+    }
+    else
+        val[40 + 5] ^= 0x01;                /* the signature */
+    MDB_val nv = { sizeof val, val };
+    assert_int_equal (mdb_put (txn, dbi, &k, &nv, 0), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+    return size;
+}
+
+//  Heads other than the newest: a changed byte breaks the seal and is
+//  found in the first pass; a wrong head sealed as if right is found by
+//  the full check, which (TALLY_HEADS_FULL=1) covers every head.  Both
+//  were written by commits the daemon acknowledged long before.
+static void
+corrupt_old_head (bool reseal)
+{
+    e2e_server *srv = e2e_server_new (3600);
+    assert_non_null (srv);
+    tly_client *client = e2e_client (srv->api, 20000, 3);
+    assert_non_null (client);
+    uint64_t now = tly_now_ms ();
+    for (int i = 0; i < 4; i++) {           /* a commit, a head, each */
+        char key[32];
+        snprintf (key, sizeof key, "head-key-%d", i);
+        tly_event ev = e2e_event ("heads-customer", "m", key, 1, now);
+        tly_result res;
+        assert_int_equal (tly_client_push (client, &ev, 1, 1, &res, NULL, srv->pk), TLY_OK);
+        assert_int_equal (res.status, TLY_ACCEPTED);
+    }
+    tly_client_destroy (&client);
+    assert_int_equal (e2e_server_stop (srv), 0);
+    uint64_t size = tamper_old_head (srv->dir, reseal);
+    fprintf (stderr, "tampered with the head of size %llu (%s)\n", (unsigned long long) size,
+             reseal ? "root changed, resealed" : "signature bit flipped");
+    srv->verify_interval = 1;
+    if (reseal)
+        setenv ("TALLY_HEADS_FULL", "1", 1);
+    int rc = e2e_server_start (srv);
+    unsetenv ("TALLY_HEADS_FULL");
+    assert_int_equal (rc, TLY_OK);
+    expect_detected (srv);
+    char what[64];
+    snprintf (what, sizeof what, "size %llu", (unsigned long long) size);
+    assert_true (e2e_server_log_has (srv, " ERROR ", what));
+    assert_int_equal (e2e_server_destroy (&srv), 0);
+    e2e_pass ();
+}
+
+static void
+test_corrupt_old_head_seal (void **state)
+{
+    (void) state;
+    corrupt_old_head (false);
+}
+
+static void
+test_corrupt_old_head_resealed (void **state)
+{
+    (void) state;
+    corrupt_old_head (true);
+}
+
 int
 main (void)
 {
@@ -743,6 +851,8 @@ main (void)
         cmocka_unit_test_setup_teardown (test_corruption_live, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corruption_node_live, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corrupt_head_at_rest, e2e_setup, e2e_teardown),
+        cmocka_unit_test_setup_teardown (test_corrupt_old_head_seal, e2e_setup, e2e_teardown),
+        cmocka_unit_test_setup_teardown (test_corrupt_old_head_resealed, e2e_setup, e2e_teardown),
     };
     return cmocka_run_group_tests_name ("e2e_crash", tests, NULL, e2e_group_teardown);
 }
