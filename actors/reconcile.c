@@ -66,7 +66,7 @@ typedef struct {
     tly_reader *reader;
     phase_t phase;
     uint64_t size;                  /* tree size when the pass began */
-    uint64_t passes;                /* passes begun, from a random start */
+    uint64_t rotation;              /* heads phases completed, from a random start */
     uint64_t heads;                 /* heads seen in this pass */
     uint64_t heads_full;            /* one sealed head in this many in full */
     uint64_t pos;                   /* entries / sth position */
@@ -104,7 +104,6 @@ pass_start (recon_t *self)
     self->checked = 0;
     self->error[0] = 0;
     self->size = 0;
-    self->passes++;
     self->heads = 0;
     self->started = zclock_mono ();
     if (tly_reader_begin (self->reader) == 0) {
@@ -236,8 +235,10 @@ check_sth_one (void *arg, const tly_sth *sth, tly_seal seal)
         for the pass's newest head, which also covers the last leaf when
         the tree's size is odd; for every head of an earlier format; and
         for one head in heads_full, a different one each pass, so that over
-        heads_full passes every head is. */
-    bool turn = (self->heads++ + self->passes) % self->heads_full == 0;
+        heads_full passes every head is.  The rotation moves on only when
+        a pass has checked every head: passes cut short (a `verify` call
+        starts one of its own) must not skip a share of the heads. */
+    bool turn = (self->heads++ + self->rotation) % self->heads_full == 0;
     if (seal == TLY_SEAL_OK && sth->tree_size != self->size && !turn)
         return TLY_OK;
     if (tly_sth_verify (sth, self->env->pk)) {
@@ -271,6 +272,7 @@ check_sths (recon_t *self, size_t budget)
             fail (self, "the latest signed head (size %llu) is older than the log (%llu)",
                   (unsigned long long) latest.tree_size, (unsigned long long) self->size);
         self->phase = PH_DONE;
+        self->rotation++;
     }
     return budget;
 }
@@ -425,13 +427,20 @@ tly_reconcile_actor (tly_child_ctx *ctx, void *args)
     recon_t self = { .ctx = ctx, .env = env, .last = { .ok = true }, .heads_full = HEADS_FULL };
     /*  For tuning and tests; a value that does not parse keeps the default. */
     const char *env_full = getenv ("TALLY_HEADS_FULL");
-    unsigned long long full = env_full ? strtoull (env_full, NULL, 10) : 0;
-    if (full >= 1 && full <= HEADS_FULL_MAX)
-        self.heads_full = full;
+    if (env_full && *env_full) {
+        char *end;
+        errno = 0;
+        unsigned long long full = strtoull (env_full, &end, 10);
+        if (!errno && *end == 0 && env_full[0] != '-' && full >= 1 && full <= HEADS_FULL_MAX)
+            self.heads_full = full;
+        else
+            tly_warn (WHO, "TALLY_HEADS_FULL=%s is not a number from 1 to %d; using %d",
+                      env_full, HEADS_FULL_MAX, HEADS_FULL);
+    }
     /*  Counted from 0 at every start, the passes would check the same
         heads in full after each restart: a tallyd restarted more often
         than heads_full passes take would never check the others. */
-    self.passes = randombytes_uniform ((uint32_t) self.heads_full);
+    self.rotation = randombytes_uniform ((uint32_t) self.heads_full);
     lower_priority (env->verify_nice);
     if (tly_reader_new (env->store, &self.reader)) {
         tly_error (WHO, "cannot start: out of memory");

@@ -299,7 +299,7 @@ s6 () {
             # 120k events/s against 221k and 292k after it).  Read the
             # ledger once so that every run of every size starts cached.
             log "reading $dir/ledger into the page cache"
-            cat "$dir"/ledger/*.mdb >/dev/null
+            cat "$dir"/ledger/*.mdb >/dev/null || log "could not read $dir/ledger (see above)"
         fi
         for r in $(seq 1 "$REPS"); do
             wait_quiet

@@ -90,21 +90,25 @@ static int txn_size (tly_store *store, MDB_txn *txn, uint64_t *size);
 
 /*  The ledger's format: its number (decimal, 1 to 3 digits without a
     leading zero, so that a newer tallyd's format 10 reads as 10); 0 when
-    meta has none (a new ledger), -1 when it is malformed. */
+    meta has none (a new ledger), FORMAT_BAD when it is malformed,
+    FORMAT_UNREADABLE when LMDB cannot read it. */
+#define FORMAT_BAD (-1)
+#define FORMAT_UNREADABLE (-2)
+
 static int
 format_of (MDB_txn *txn, MDB_dbi meta)
 {
     MDB_val k = { 6, "format" }, v;
     int rc = mdb_get (txn, meta, &k, &v);
     if (rc)
-        return rc == MDB_NOTFOUND ? 0 : -1;
+        return rc == MDB_NOTFOUND ? 0 : FORMAT_UNREADABLE;
     const char *d = v.mv_data;
     if (v.mv_size < 1 || v.mv_size > 3 || d[0] == '0')
-        return -1;
+        return FORMAT_BAD;
     int f = 0;
     for (size_t i = 0; i < v.mv_size; i++) {
         if (d[i] < '0' || d[i] > '9')
-            return -1;
+            return FORMAT_BAD;
         f = f * 10 + (d[i] - '0');
     }
     return f;
@@ -162,8 +166,23 @@ open_dbis (tly_store *self, const char **why)
     }
 
     int format = format_of (txn, self->meta);   /* 0 in a new ledger */
+    if (format == FORMAT_UNREADABLE) {
+        rc = EIO;
+        goto abort;
+    }
     MDB_val k = { 9, "dedup_key" }, v;
     rc = mdb_get (txn, self->meta, &k, &v);
+    MDB_stat est;
+    if (rc == MDB_NOTFOUND && format == 0
+    &&  (mdb_stat (txn, self->entries, &est) || est.ms_entries > 0)) {
+        /*  Neither a format nor a key, yet entries: a new key would hash
+            the same (customer, key) elsewhere, and every retry of an
+            event already recorded would be taken again. */
+        mdb_txn_abort (txn);
+        *why = "meta/format and meta/dedup_key are missing from a ledger that has entries: "
+               "the ledger is corrupt; restore this data dir from a backup";
+        return TLY_ECORRUPT;
+    }
     if ((rc == 0 || rc == MDB_NOTFOUND) && (format < 0 || (format == 0) != (rc != 0))) {
         /*  A format without a key, or a key without a (well-formed)
             format: not a new ledger, and not one this tallyd wrote. */

@@ -837,6 +837,49 @@ test_format_6_to_8_and_10 (void **state)
     assert_int_equal (format_now (f), '9');         /* left as it was */
 }
 
+/*  Deletes meta's format and dedup_key from the ledger in f->dir. */
+static void
+drop_meta_keys (fixture *f)
+{
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi meta;
+    raw_ledger_begin (f, 1 << 26, &env, &txn);
+    assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
+    MDB_val kf = { 6, "format" }, kd = { 9, "dedup_key" };
+    assert_int_equal (mdb_del (txn, meta, &kf, NULL), 0);
+    assert_int_equal (mdb_del (txn, meta, &kd, NULL), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+}
+
+/*  A ledger without format and dedup key is a new one only while it has
+    no entries: with entries, a fresh key would file every (customer, key)
+    elsewhere and take their retries as new events. */
+static void
+test_meta_lost_with_entries (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    tly_writer *w;
+    const char *why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+    tly_store_close (&s);
+    drop_meta_keys (f);                         /* empty: still a new ledger */
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+    assert_int_equal (tly_writer_open (s, f->pk, &w, &why), TLY_OK);
+    tly_sth sth;
+    append_n (w, s, f, 0, 5, &sth);
+    tly_writer_destroy (&w);
+    tly_store_close (&s);
+    assert_int_equal (format_now (f), '9');
+    drop_meta_keys (f);
+    why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
+    assert_non_null (why);
+    assert_non_null (strstr (why, "entries"));
+}
+
 typedef struct {
     size_t n;
     tly_seal seal[8];
@@ -924,6 +967,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_migrate_format_5, setup, teardown),
         cmocka_unit_test_setup_teardown (test_covered_checked, setup, teardown),
         cmocka_unit_test_setup_teardown (test_format_6_to_8_and_10, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_meta_lost_with_entries, setup, teardown),
         cmocka_unit_test_setup_teardown (test_sth_sealed, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);
