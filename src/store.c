@@ -172,25 +172,30 @@ open_dbis (tly_store *self, const char **why)
     }
     MDB_val k = { 9, "dedup_key" }, v;
     rc = mdb_get (txn, self->meta, &k, &v);
-    MDB_stat est;
-    if (rc == MDB_NOTFOUND && format == 0
-    &&  (mdb_stat (txn, self->entries, &est) || est.ms_entries > 0)) {
-        /*  Neither a format nor a key, yet entries: a new key would hash
-            the same (customer, key) elsewhere, and every retry of an
-            event already recorded would be taken again. */
-        mdb_txn_abort (txn);
-        *why = "meta/format and meta/dedup_key are missing from a ledger that has entries: "
-               "the ledger is corrupt; restore this data dir from a backup";
-        return TLY_ECORRUPT;
+    /*  Not a new ledger, and not one this tallyd wrote: a format without
+        a key, a key without a (well-formed) format, or neither yet
+        entries (a new key would hash the same (customer, key) elsewhere,
+        and every retry of an event already recorded would be taken
+        again). */
+    const char *corrupt = NULL;
+    if (rc == MDB_NOTFOUND && format == 0) {
+        MDB_stat est;
+        if ((rc = mdb_stat (txn, self->entries, &est)))
+            goto abort;
+        rc = MDB_NOTFOUND;
+        if (est.ms_entries > 0)
+            corrupt = "meta/format and meta/dedup_key are missing from a ledger that has "
+                      "entries: the ledger is corrupt; restore this data dir from a backup";
     }
-    if ((rc == 0 || rc == MDB_NOTFOUND) && (format < 0 || (format == 0) != (rc != 0))) {
-        /*  A format without a key, or a key without a (well-formed)
-            format: not a new ledger, and not one this tallyd wrote. */
+    else
+    if ((rc == 0 || rc == MDB_NOTFOUND) && (format < 0 || (format == 0) != (rc != 0)))
+        corrupt = rc ? "meta/dedup_key is missing from a ledger that has a format: the ledger "
+                       "is corrupt; restore this data dir from a backup"
+                     : "meta/format is missing or malformed: the ledger is corrupt; restore "
+                       "this data dir from a backup";
+    if (corrupt) {
         mdb_txn_abort (txn);
-        *why = rc ? "meta/dedup_key is missing from a ledger that has a format: the ledger "
-                    "is corrupt; restore this data dir from a backup"
-                  : "meta/format is missing or malformed: the ledger is corrupt; restore "
-                    "this data dir from a backup";
+        *why = corrupt;
         return TLY_ECORRUPT;
     }
     if (rc == MDB_NOTFOUND) {
