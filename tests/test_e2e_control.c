@@ -295,6 +295,47 @@ expect_present (fixture *fx, const char *customer, const char *key)
     E2E_OK (&fx->r);
 }
 
+//  Stops tallyd cleanly and starts it again on the same data dir.
+static void
+fx_restart_server (fixture *fx)
+{
+    e2e_conn_destroy (&fx->api);
+    e2e_conn_destroy (&fx->ctl);
+    assert_int_equal (e2e_server_stop (fx->srv), 0);
+    assert_int_equal (e2e_server_start (fx->srv), TLY_OK);
+    fx->api = e2e_conn_new (fx->srv->api);
+    fx->ctl = e2e_conn_new (fx->srv->control);
+}
+
+//  The outcomes of n finished pushers racing for a limit: each event was
+//  accepted, a duplicate (a retry of an accepted one) or quota_exceeded;
+//  anything else fails the test.
+static void
+limit_outcomes (e2e_pusher *p, int n, size_t *accepted, size_t *duplicate, size_t *exceeded)
+{
+    *accepted = *duplicate = *exceeded = 0;
+    for (int i = 0; i < n; i++) {
+        assert_string_equal (p[i].fail, "");
+        assert_int_equal (atomic_load (&p[i].done), p[i].capacity);
+        for (size_t k = 0; k < p[i].capacity; k++) {
+            tly_result *res = &p[i].results[k];
+            if (res->status == TLY_ACCEPTED)
+                (*accepted)++;
+            else
+            if (res->status == TLY_DUPLICATE)
+                (*duplicate)++;
+            else
+            if (res->status == TLY_REJECTED && strcmp (res->code, "quota_exceeded") == 0)
+                (*exceeded)++;
+            else {
+                fprintf (stderr, "event %s: status %d code %s %s\n", p[i].keys[k],
+                         (int) res->status, res->code, res->message);
+                fail ();
+            }
+        }
+    }
+}
+
 //  Starts n pushers of `each` events for (customer, meter), keys prefixed
 //  <tag><i>, batches of base + step * (i % 4); the teardown stops them if
 //  the test fails first.
@@ -631,37 +672,17 @@ test_quota_race_and_restart (void **state)
     for (int i = 0; i < THREADS; i++)
         e2e_pusher_join (&p[i]);
     s_nrunning = 0;
-    size_t accepted = 0, exceeded = 0;
-    for (int i = 0; i < THREADS; i++) {
-        assert_string_equal (p[i].fail, "");
-        assert_int_equal (atomic_load (&p[i].done), EACH);
-        for (size_t k = 0; k < EACH; k++) {
-            tly_result *res = &p[i].results[k];
-            if (res->status == TLY_ACCEPTED)
-                accepted++;
-            else
-            if (res->status == TLY_REJECTED && strcmp (res->code, "quota_exceeded") == 0)
-                exceeded++;
-            else {
-                fprintf (stderr, "event %s: status %d code %s\n", p[i].keys[k],
-                         (int) res->status, res->code);
-                fail ();
-            }
-        }
-    }
+    size_t accepted, duplicate, exceeded;
+    limit_outcomes (p, THREADS, &accepted, &duplicate, &exceeded);
     fprintf (stderr, "accepted %zu, quota_exceeded %zu\n", accepted, exceeded);
+    assert_int_equal (duplicate, 0);        /* no request was sent twice */
     assert_int_equal (accepted, LIMIT);
     assert_int_equal (exceeded, THREADS * EACH - LIMIT);
     expect_quota (&fx, "race-cust", "calls", LIMIT, LIMIT);
     assert_int_equal (tree_size (&fx), LIMIT);
 
     //  a clean restart: the limit is durable and usage is rebuilt
-    e2e_conn_destroy (&fx.api);
-    e2e_conn_destroy (&fx.ctl);
-    assert_int_equal (e2e_server_stop (fx.srv), 0);
-    assert_int_equal (e2e_server_start (fx.srv), TLY_OK);
-    fx.api = e2e_conn_new (fx.srv->api);
-    fx.ctl = e2e_conn_new (fx.srv->control);
+    fx_restart_server (&fx);
     expect_quota (&fx, "race-cust", "calls", LIMIT, LIMIT);
     uint64_t now = tly_now_ms ();
     tly_event more[3] = {
@@ -709,17 +730,97 @@ test_quota_race_and_restart (void **state)
 
     //  a removed limit stays removed across a restart
     set_quota (&fx, "race-cust", "calls", "null");
-    e2e_conn_destroy (&fx.api);
-    e2e_conn_destroy (&fx.ctl);
-    assert_int_equal (e2e_server_stop (fx.srv), 0);
-    assert_int_equal (e2e_server_start (fx.srv), TLY_OK);
-    fx.api = e2e_conn_new (fx.srv->api);
-    fx.ctl = e2e_conn_new (fx.srv->control);
+    fx_restart_server (&fx);
     uint64_t l, u;
     assert_false (quota_of (&fx, "race-cust", "calls", &l, &u));
     ingest_raw (&fx, three + 2, 1);
     expect_all (&fx.r, 1, "accepted");
     for (int i = 0; i < THREADS; i++)
+        e2e_pusher_free (&p[i]);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
+static size_t
+pushed (e2e_pusher *p, int n)
+{
+    size_t done = 0;
+    for (int i = 0; i < n; i++)
+        done += atomic_load (&p[i].done);
+    return done;
+}
+
+//  Clients race for a limit while the operator restarts the quota actor
+//  (and receipt) under them: admissions in flight when quota dies, and
+//  the recount after each start, must leave exactly `LIMIT` events in the
+//  log, none of the refused ones, and usage equal to it, also after a
+//  restart of tallyd.
+static void
+test_quota_limit_under_restarts (void **state)
+{
+    (void) state;
+    static fixture fx;
+    fx_start (&fx);
+    enum { PUSHERS = 4, EACH = 1500, LIMIT = 1500 };
+    set_quota (&fx, "lim-cust", "calls", "1500");
+    e2e_pusher p[PUSHERS];
+    pushers_start (&fx, p, PUSHERS, "lim-cust", "calls", "lr", EACH, 1, 2, 2000);
+    //  one after the other with some load between: on the reference
+    //  machine about half come before the limit is reached, half after
+    static const char *const order[] = { "quota", "quota", "receipt", "quota",
+                                         "quota", "receipt", "quota", "quota",
+                                         "quota", "receipt", "quota", "quota" };
+    for (size_t round = 0; round < sizeof order / sizeof *order; round++) {
+        size_t base = pushed (p, PUSHERS);
+        bool ok;
+        E2E_POLL (ok, 30000, pushed (p, PUSHERS) >= base + 50
+                             || pushed (p, PUSHERS) == (size_t) PUSHERS * EACH);
+        assert_true (ok);
+        control_op (&fx, "restart_child", order[round]);
+        wait_state (&fx, order[round], "running");
+    }
+    fprintf (stderr, "%zu of %d events pushed when the last restart was done\n",
+             pushed (p, PUSHERS), PUSHERS * EACH);
+    for (int i = 0; i < PUSHERS; i++)
+        e2e_pusher_join (&p[i]);
+    s_nrunning = 0;
+
+    size_t accepted, duplicate, exceeded;
+    limit_outcomes (p, PUSHERS, &accepted, &duplicate, &exceeded);
+    size_t in_log = accepted + duplicate;
+    unsigned failures = 0;
+    for (int i = 0; i < PUSHERS; i++) {
+        failures += p[i].failures;
+        for (size_t k = 0; k < EACH; k++) {
+            if (p[i].results[k].status != TLY_REJECTED) {
+                expect_present (&fx, "lim-cust", p[i].keys[k]);
+                continue;
+            }
+            assert_int_equal (e2e_callf (fx.api, &fx.r,
+                                         "{'op':'get','customer':'lim-cust','key':'%s'}",
+                                         p[i].keys[k]), TLY_OK);
+            if (fx.r.ok)
+                fprintf (stderr, "%s was refused but is in the log: %s\n", p[i].keys[k],
+                         e2e_reply_json (&fx.r));
+            assert_false (fx.r.ok);
+        }
+    }
+    fprintf (stderr, "in the log %zu, quota_exceeded %zu, failed requests retried %u\n",
+             in_log, exceeded, failures);
+    assert_int_equal (in_log, LIMIT);
+    assert_int_equal (exceeded, PUSHERS * EACH - LIMIT);
+    assert_int_equal (tree_size (&fx), LIMIT);
+    expect_quota (&fx, "lim-cust", "calls", LIMIT, LIMIT);
+
+    fx_restart_server (&fx);
+    expect_quota (&fx, "lim-cust", "calls", LIMIT, LIMIT);
+    tly_event one = e2e_event ("lim-cust", "calls", "after-restart", 1, tly_now_ms ());
+    ingest_until_served (&fx, &one, 1);
+    if (!e2e_str_is (&fx.r.body, "results.0.code", "quota_exceeded")) {
+        fprintf (stderr, "after restart: %s\n", e2e_reply_json (&fx.r));
+        fail ();
+    }
+    for (int i = 0; i < PUSHERS; i++)
         e2e_pusher_free (&p[i]);
     fx_finish (&fx);
     e2e_pass ();
@@ -906,12 +1007,7 @@ test_quota_precedence (void **state)
     assert_true (e2e_str_is (&fx.r.body, "results.0.code", "quota_exceeded"));   //  20 > 10
 
     //  all of it survives a restart
-    e2e_conn_destroy (&fx.api);
-    e2e_conn_destroy (&fx.ctl);
-    assert_int_equal (e2e_server_stop (fx.srv), 0);
-    assert_int_equal (e2e_server_start (fx.srv), TLY_OK);
-    fx.api = e2e_conn_new (fx.srv->api);
-    fx.ctl = e2e_conn_new (fx.srv->control);
+    fx_restart_server (&fx);
     tly_event again[3] = {
         e2e_event ("bolt", "cpu", "restart-1", 1, now),
         e2e_event ("bolt", "disk", "restart-2", 1, now),
@@ -1151,6 +1247,8 @@ main (void)
         cmocka_unit_test_setup_teardown (test_terminate_and_restart, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_restart_under_load, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_race_and_restart, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_quota_limit_under_restarts, e2e_setup,
+                                         fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_precedence, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_counts_unlimited, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_lost_commit, e2e_setup, fx_teardown),
