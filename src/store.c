@@ -18,7 +18,10 @@
     50 us): a ledger keeps one head per commit, millions a day. */
 #define STH_SEAL_LEN 16
 #define STH_SEALED_LEN (STH_VAL_LEN + STH_SEAL_LEN)
-#define FORMAT "9"
+#define FORMAT_NUM 9
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define FORMAT STR (FORMAT_NUM)     /* as stored in meta/format, without a NUL */
 /*  L0 lives in memory: a larger one means fewer merge levels (each key is
     rewritten once per level) and fewer runs to ask, for more memory
     (about 60 bytes a key, in the writer and in each reader that looks
@@ -122,7 +125,7 @@ migrate_5 (tly_store *self, MDB_txn *txn)
     int err = txn_size (self, txn, &size);
     if (!err)
         err = dx_migrate_5 (&self->dx, txn, size);
-    MDB_val fk = { 6, "format" }, fv = { 1, FORMAT };
+    MDB_val fk = { 6, "format" }, fv = { sizeof FORMAT - 1, FORMAT };
     if (!err && mdb_put (txn, self->meta, &fk, &fv, 0))
         err = TLY_EIO;
     if (!err)
@@ -202,13 +205,13 @@ open_dbis (tly_store *self, const char **why)
         randombytes_buf (self->dedup_key, sizeof self->dedup_key);
         v.mv_size = sizeof self->dedup_key;
         v.mv_data = self->dedup_key;
-        MDB_val fk = { 6, "format" }, fv = { 1, FORMAT };
+        MDB_val fk = { 6, "format" }, fv = { sizeof FORMAT - 1, FORMAT };
         if ((rc = mdb_put (txn, self->meta, &k, &v, 0))
         ||  (rc = mdb_put (txn, self->meta, &fk, &fv, 0)))
             goto abort;
     }
     else
-    if (rc == 0 && (format < 5 || format > 9)) {
+    if (rc == 0 && (format < 5 || format > FORMAT_NUM)) {
         mdb_txn_abort (txn);
         *why = "the ledger in this data dir is not format 5 to " FORMAT " (formats 1 to 4 "
                "laid out the idempotency index differently, and later ones are a newer "
@@ -238,7 +241,7 @@ open_dbis (tly_store *self, const char **why)
         signature, its runs are read one record per key until merged), so
         moving it on is writing the number. */
     if (format >= 6 && format <= 8) {
-        MDB_val fk = { 6, "format" }, fv = { 1, FORMAT };
+        MDB_val fk = { 6, "format" }, fv = { sizeof FORMAT - 1, FORMAT };
         if ((rc = mdb_put (txn, self->meta, &fk, &fv, 0)))
             goto abort;
         tly_info ("store", "ledger format %d moved to format " FORMAT " (builds of the "

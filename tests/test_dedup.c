@@ -933,7 +933,10 @@ test_dedup_scan_checks_blocks (void **state)
     assert_int_equal (mdb_stat (txn, f->t.slot[run.slot], &st), 0);
     mdb_txn_abort (txn);
     assert_int_equal (st.ms_overflow_pages, 0);     /* two blocks a page, none beside */
-    assert_int_equal (st.ms_leaf_pages, (run.count + 159) / 160);
+    if (st.ms_psize == 4096)                        /* two blocks of 80 a page */
+        assert_int_equal (st.ms_leaf_pages, (run.count + 159) / 160);
+    else
+        assert_true (st.ms_leaf_pages <= (run.count + 159) / 160);
     rec *recs;
     size_t block, n = table_read (f, run.slot, &recs, &block), visited;
     assert_int_equal (n, run.count);
