@@ -91,30 +91,88 @@ mkdir_p (const char *path)
 
 static int txn_size (tly_store *store, MDB_txn *txn, uint64_t *size);
 
-/*  The ledger's format: its number (decimal, 1 to 3 digits without a
-    leading zero, so that a newer tallyd's format 10 reads as 10); 0 when
-    meta has none (a new ledger), FORMAT_BAD when it is malformed,
-    FORMAT_UNREADABLE when LMDB cannot read it. */
-#define FORMAT_BAD (-1)
-#define FORMAT_UNREADABLE (-2)
-
+/*  A ledger's format number as stored in meta/format: decimal, 1 to 3
+    digits without a leading zero (so that a newer tallyd's format 10 reads
+    as 10); -1 when malformed. */
 static int
-format_of (MDB_txn *txn, MDB_dbi meta)
+format_parse (const MDB_val *v)
 {
-    MDB_val k = { 6, "format" }, v;
-    int rc = mdb_get (txn, meta, &k, &v);
-    if (rc)
-        return rc == MDB_NOTFOUND ? 0 : FORMAT_UNREADABLE;
-    const char *d = v.mv_data;
-    if (v.mv_size < 1 || v.mv_size > 3 || d[0] == '0')
-        return FORMAT_BAD;
+    const char *d = v->mv_data;
+    if (v->mv_size < 1 || v->mv_size > 3 || d[0] == '0')
+        return -1;
     int f = 0;
-    for (size_t i = 0; i < v.mv_size; i++) {
+    for (size_t i = 0; i < v->mv_size; i++) {
         if (d[i] < '0' || d[i] > '9')
-            return FORMAT_BAD;
+            return -1;
         f = f * 10 + (d[i] - '0');
     }
     return f;
+}
+
+/*  Writes this tallyd's format number into meta. */
+static int
+put_format (tly_store *self, MDB_txn *txn)
+{
+    MDB_val k = { 6, "format" }, v = { sizeof FORMAT - 1, FORMAT };
+    return mdb_put (txn, self->meta, &k, &v, 0);
+}
+
+#define CORRUPT_RESTORE ": the ledger is corrupt; restore this data dir from a backup"
+
+/*  What meta says of the ledger: *format is 0 for a new one (no format, no
+    dedup key, no entries), else its format, and the dedup key is loaded.
+    A ledger with one of the two and not the other, or with entries and
+    neither, was not left so by a tallyd and is refused as corrupt, never
+    taken as new: a new dedup key would file the same (customer, key)
+    elsewhere, and every retry of an event already recorded would be taken
+    again. */
+static int
+meta_check (tly_store *self, MDB_txn *txn, int *format, const char **why)
+{
+    MDB_val fk = { 6, "format" }, fv, dk = { 9, "dedup_key" }, dv;
+    int frc = mdb_get (txn, self->meta, &fk, &fv), drc = 0, rc;
+    if ((frc && frc != MDB_NOTFOUND)
+    ||  ((drc = mdb_get (txn, self->meta, &dk, &dv)) && drc != MDB_NOTFOUND)) {
+        *why = mdb_strerror (frc && frc != MDB_NOTFOUND ? frc : drc);
+        return TLY_EIO;
+    }
+    *format = 0;
+    if (frc && drc) {
+        MDB_stat est;
+        if ((rc = mdb_stat (txn, self->entries, &est))) {
+            *why = mdb_strerror (rc);
+            return TLY_EIO;
+        }
+        if (est.ms_entries == 0)
+            return TLY_OK;
+        *why = "meta/format and meta/dedup_key are missing from a ledger that has "
+               "entries" CORRUPT_RESTORE;
+        return TLY_ECORRUPT;
+    }
+    int f = frc ? 0 : format_parse (&fv);
+    if (frc || f < 0) {
+        *why = frc ? "meta/format is missing from a ledger that has a dedup key" CORRUPT_RESTORE
+                   : "meta/format is malformed" CORRUPT_RESTORE;
+        return TLY_ECORRUPT;
+    }
+    if (drc) {
+        *why = "meta/dedup_key is missing from a ledger that has a format" CORRUPT_RESTORE;
+        return TLY_ECORRUPT;
+    }
+    if (f < 5 || f > FORMAT_NUM) {
+        *why = "the ledger in this data dir is not format 5 to " FORMAT " (formats 1 to 4 "
+               "laid out the idempotency index differently, and later ones are a newer "
+               "tallyd's): this tallyd reads formats 5 to " FORMAT " only; start from a fresh "
+               "data dir (there is no migration from formats 1 to 4)";
+        return TLY_EINVAL;
+    }
+    if (dv.mv_size != sizeof self->dedup_key) {
+        *why = "meta/dedup_key has the wrong size" CORRUPT_RESTORE;
+        return TLY_ECORRUPT;
+    }
+    memcpy (self->dedup_key, dv.mv_data, sizeof self->dedup_key);
+    *format = f;
+    return TLY_OK;
 }
 
 /*  Format 5 differs only in where L0 of the idempotency index lives. */
@@ -125,8 +183,7 @@ migrate_5 (tly_store *self, MDB_txn *txn)
     int err = txn_size (self, txn, &size);
     if (!err)
         err = dx_migrate_5 (&self->dx, txn, size);
-    MDB_val fk = { 6, "format" }, fv = { sizeof FORMAT - 1, FORMAT };
-    if (!err && mdb_put (txn, self->meta, &fk, &fv, 0))
+    if (!err && put_format (self, txn))
         err = TLY_EIO;
     if (!err)
         tly_info ("store", "ledger format 5 moved to format " FORMAT
@@ -168,68 +225,18 @@ open_dbis (tly_store *self, const char **why)
         goto abort;
     }
 
-    int format = format_of (txn, self->meta);   /* 0 in a new ledger */
-    if (format == FORMAT_UNREADABLE) {
-        rc = EIO;
-        goto abort;
-    }
-    MDB_val k = { 9, "dedup_key" }, v;
-    rc = mdb_get (txn, self->meta, &k, &v);
-    /*  Not a new ledger, and not one this tallyd wrote: a format without
-        a key, a key without a (well-formed) format, or neither yet
-        entries (a new key would hash the same (customer, key) elsewhere,
-        and every retry of an event already recorded would be taken
-        again). */
-    const char *corrupt = NULL;
-    if (rc == MDB_NOTFOUND && format == 0) {
-        MDB_stat est;
-        if ((rc = mdb_stat (txn, self->entries, &est)))
-            goto abort;
-        rc = MDB_NOTFOUND;
-        if (est.ms_entries > 0)
-            corrupt = "meta/format and meta/dedup_key are missing from a ledger that has "
-                      "entries: the ledger is corrupt; restore this data dir from a backup";
-    }
-    else
-    if ((rc == 0 || rc == MDB_NOTFOUND) && (format < 0 || (format == 0) != (rc != 0)))
-        corrupt = rc ? "meta/dedup_key is missing from a ledger that has a format: the ledger "
-                       "is corrupt; restore this data dir from a backup"
-                     : "meta/format is missing or malformed: the ledger is corrupt; restore "
-                       "this data dir from a backup";
-    if (corrupt) {
+    int format, err = meta_check (self, txn, &format, why);
+    if (err) {
         mdb_txn_abort (txn);
-        *why = corrupt;
-        return TLY_ECORRUPT;
+        return err;
     }
-    if (rc == MDB_NOTFOUND) {
+    if (format == 0) {                  /* a new ledger */
         randombytes_buf (self->dedup_key, sizeof self->dedup_key);
-        v.mv_size = sizeof self->dedup_key;
-        v.mv_data = self->dedup_key;
-        MDB_val fk = { 6, "format" }, fv = { sizeof FORMAT - 1, FORMAT };
-        if ((rc = mdb_put (txn, self->meta, &k, &v, 0))
-        ||  (rc = mdb_put (txn, self->meta, &fk, &fv, 0)))
+        MDB_val dk = { 9, "dedup_key" }, dv = { sizeof self->dedup_key, self->dedup_key };
+        if ((rc = mdb_put (txn, self->meta, &dk, &dv, 0))
+        ||  (rc = put_format (self, txn)))
             goto abort;
     }
-    else
-    if (rc == 0 && (format < 5 || format > FORMAT_NUM)) {
-        mdb_txn_abort (txn);
-        *why = "the ledger in this data dir is not format 5 to " FORMAT " (formats 1 to 4 "
-               "laid out the idempotency index differently, and later ones are a newer "
-               "tallyd's): this tallyd reads formats 5 to " FORMAT " only; start from a fresh "
-               "data dir (there is no migration from formats 1 to 4)";
-        return TLY_EINVAL;
-    }
-    else
-    if (rc)
-        goto abort;
-    else
-    if (v.mv_size != sizeof self->dedup_key) {
-        mdb_txn_abort (txn);
-        *why = "meta/dedup_key has the wrong size: the ledger is corrupt";
-        return TLY_ECORRUPT;
-    }
-    else
-        memcpy (self->dedup_key, v.mv_data, sizeof self->dedup_key);
     /*  Format 7 added the records of builds in progress ("dedup.build<t>",
         src/dedup.c), which a format-6 tallyd would not keep up to date;
         format 8 seals new head records (16 bytes longer), which a format-7
@@ -241,26 +248,22 @@ open_dbis (tly_store *self, const char **why)
         signature, its runs are read one record per key until merged), so
         moving it on is writing the number. */
     if (format >= 6 && format <= 8) {
-        MDB_val fk = { 6, "format" }, fv = { sizeof FORMAT - 1, FORMAT };
-        if ((rc = mdb_put (txn, self->meta, &fk, &fv, 0)))
+        if ((rc = put_format (self, txn)))
             goto abort;
         tly_info ("store", "ledger format %d moved to format " FORMAT " (builds of the "
                            "idempotency index resume after a restart; new signed heads are "
                            "sealed for the scrubber; new index runs are stored in blocks); "
                            "nothing rewritten", format);
     }
-    if (format == 5) {
-        int err = migrate_5 (self, txn);
-        if (err) {
-            mdb_txn_abort (txn);
-            *why = err == TLY_ECORRUPT
-                 ? "moving the ledger from format 5 to " FORMAT " failed (nothing was "
-                   "changed): its idempotency index does not match its entries; run "
-                   "`tally ctl verify` with the previous tallyd and restore from a backup"
-                 : "moving the ledger from format 5 to " FORMAT " failed (nothing was "
-                   "changed): check the disk (map full: raise map_size_gb)";
-            return err;
-        }
+    if (format == 5 && (err = migrate_5 (self, txn))) {
+        mdb_txn_abort (txn);
+        *why = err == TLY_ECORRUPT
+             ? "moving the ledger from format 5 to " FORMAT " failed (nothing was "
+               "changed): its idempotency index does not match its entries; run "
+               "`tally ctl verify` with the previous tallyd and restore from a backup"
+             : "moving the ledger from format 5 to " FORMAT " failed (nothing was "
+               "changed): check the disk (map full: raise map_size_gb)";
+        return err;
     }
     if ((rc = mdb_txn_commit (txn)))
         goto fail;

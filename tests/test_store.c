@@ -755,17 +755,19 @@ test_covered_checked (void **state)
     close_lsm (&s, &w, &r);
 }
 
-/*  Sets meta "format" of the ledger in f->dir to digit. */
+/*  Sets meta's entry name in the ledger in f->dir to value, or deletes
+    it (value NULL). */
 static void
-set_format (fixture *f, const char *digit)
+set_meta (fixture *f, const char *name, const char *value)
 {
     MDB_env *env;
     MDB_txn *txn;
     MDB_dbi meta;
     raw_ledger_begin (f, 1 << 26, &env, &txn);
     assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
-    MDB_val k = { 6, "format" }, v = { strlen (digit), (void *) digit };
-    assert_int_equal (mdb_put (txn, meta, &k, &v, 0), 0);
+    MDB_val k = { strlen (name), (void *) name };
+    MDB_val v = { value ? strlen (value) : 0, (void *) value };
+    assert_int_equal (value ? mdb_put (txn, meta, &k, &v, 0) : mdb_del (txn, meta, &k, NULL), 0);
     assert_int_equal (mdb_txn_commit (txn), 0);
     mdb_env_close (env);
 }
@@ -802,55 +804,54 @@ test_format_6_to_8_and_10 (void **state)
     assert_int_equal (format_now (f), '9');
     for (const char *old = "678"; *old; old++) {
         char digit[2] = { *old, 0 };
-        set_format (f, digit);
+        set_meta (f, "format", digit);
         assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
         tly_store_close (&s);
         assert_int_equal (format_now (f), '9');
     }
     /*  Formats it does not read, then format numbers that are malformed. */
-    static const char *refused[] = { "1", "10", "999", ":", "09", "", "1000" };
+    static const struct { const char *format; int err; } refused[] = {
+        { "1", TLY_EINVAL }, { "10", TLY_EINVAL }, { "999", TLY_EINVAL },
+        { ":", TLY_ECORRUPT }, { "09", TLY_ECORRUPT }, { "", TLY_ECORRUPT },
+        { "1000", TLY_ECORRUPT } };
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
-        set_format (f, refused[i]);
+        set_meta (f, "format", refused[i].format);
         why = NULL;
-        assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why),
-                          i < 3 ? TLY_EINVAL : TLY_ECORRUPT);
+        assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), refused[i].err);
         assert_non_null (why);
         assert_non_null (strstr (why, "format"));
     }
-    /*  A ledger with a format but no dedup key is not a new one. */
-    set_format (f, "9");
-    {
-        MDB_env *env;
-        MDB_txn *txn;
-        MDB_dbi meta;
-        raw_ledger_begin (f, 1 << 26, &env, &txn);
-        assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
-        MDB_val k = { 9, "dedup_key" };
-        assert_int_equal (mdb_del (txn, meta, &k, NULL), 0);
-        assert_int_equal (mdb_txn_commit (txn), 0);
-        mdb_env_close (env);
-    }
+    /*  A ledger with a format but no dedup key is not a new one, and the
+        message names what is wrong: the key, or the format when that is
+        malformed too. */
+    set_meta (f, "format", "9");
+    set_meta (f, "dedup_key", NULL);
     why = NULL;
     assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
     assert_non_null (why);
-    assert_non_null (strstr (why, "dedup_key"));
+    assert_non_null (strstr (why, "meta/dedup_key is missing"));
     assert_int_equal (format_now (f), '9');         /* left as it was */
+    set_meta (f, "format", "x");
+    why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
+    assert_non_null (why);
+    assert_non_null (strstr (why, "meta/format is malformed"));
 }
 
-/*  Deletes meta's format and dedup_key from the ledger in f->dir. */
+/*  A dedup key without a format is refused too, not taken as new. */
 static void
-drop_meta_keys (fixture *f)
+test_format_missing (void **state)
 {
-    MDB_env *env;
-    MDB_txn *txn;
-    MDB_dbi meta;
-    raw_ledger_begin (f, 1 << 26, &env, &txn);
-    assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
-    MDB_val kf = { 6, "format" }, kd = { 9, "dedup_key" };
-    assert_int_equal (mdb_del (txn, meta, &kf, NULL), 0);
-    assert_int_equal (mdb_del (txn, meta, &kd, NULL), 0);
-    assert_int_equal (mdb_txn_commit (txn), 0);
-    mdb_env_close (env);
+    fixture *f = *state;
+    tly_store *s;
+    const char *why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+    tly_store_close (&s);
+    set_meta (f, "format", NULL);
+    why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
+    assert_non_null (why);
+    assert_non_null (strstr (why, "meta/format is missing"));
 }
 
 /*  A ledger without format and dedup key is a new one only while it has
@@ -865,7 +866,8 @@ test_meta_lost_with_entries (void **state)
     const char *why = NULL;
     assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
     tly_store_close (&s);
-    drop_meta_keys (f);                         /* empty: still a new ledger */
+    set_meta (f, "format", NULL);           /* empty: still a new ledger */
+    set_meta (f, "dedup_key", NULL);
     assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
     assert_int_equal (tly_writer_open (s, f->pk, &w, &why), TLY_OK);
     tly_sth sth;
@@ -873,7 +875,8 @@ test_meta_lost_with_entries (void **state)
     tly_writer_destroy (&w);
     tly_store_close (&s);
     assert_int_equal (format_now (f), '9');
-    drop_meta_keys (f);
+    set_meta (f, "format", NULL);
+    set_meta (f, "dedup_key", NULL);
     why = NULL;
     assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
     assert_non_null (why);
@@ -967,6 +970,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_migrate_format_5, setup, teardown),
         cmocka_unit_test_setup_teardown (test_covered_checked, setup, teardown),
         cmocka_unit_test_setup_teardown (test_format_6_to_8_and_10, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_format_missing, setup, teardown),
         cmocka_unit_test_setup_teardown (test_meta_lost_with_entries, setup, teardown),
         cmocka_unit_test_setup_teardown (test_sth_sealed, setup, teardown),
     };
