@@ -735,8 +735,7 @@ tly_receipt_actor (tly_child_ctx *ctx, void *args)
         return 1;
     }
     /*  A fault for tests to inject: quota must notice the lost COMMIT. */
-    const char *lose = getenv ("TALLY_TEST_LOSE_COMMIT");
-    self.lose_commit = lose ? atol (lose) : 0;
+    self.lose_commit = (long) tly_env_u64 (WHO, "TALLY_TEST_LOSE_COMMIT", 0, 0, 1u << 30);
     send_hello (&self);
     self.wait_poller = zpoller_new (tly_child_pipe (ctx), self.quota, NULL);
     zpoller_t *poller = zpoller_new (tly_child_pipe (ctx), self.in, NULL);

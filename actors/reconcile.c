@@ -424,19 +424,8 @@ int
 tly_reconcile_actor (tly_child_ctx *ctx, void *args)
 {
     tly_actor_env *env = args;
-    recon_t self = { .ctx = ctx, .env = env, .last = { .ok = true }, .heads_full = HEADS_FULL };
-    /*  For tuning and tests; a value that does not parse keeps the default. */
-    const char *env_full = getenv ("TALLY_HEADS_FULL");
-    if (env_full && *env_full) {
-        char *end;
-        errno = 0;
-        unsigned long long full = strtoull (env_full, &end, 10);
-        if (!errno && *end == 0 && env_full[0] != '-' && full >= 1 && full <= HEADS_FULL_MAX)
-            self.heads_full = full;
-        else
-            tly_warn (WHO, "TALLY_HEADS_FULL=%s is not a number from 1 to %d; using %d",
-                      env_full, HEADS_FULL_MAX, HEADS_FULL);
-    }
+    recon_t self = { .ctx = ctx, .env = env, .last = { .ok = true } };
+    self.heads_full = tly_env_u64 (WHO, "TALLY_HEADS_FULL", HEADS_FULL, 1, HEADS_FULL_MAX);
     /*  Counted from 0 at every start, the passes would check the same
         heads in full after each restart: a tallyd restarted more often
         than heads_full passes take would never check the others. */

@@ -30,6 +30,7 @@
     16K 238-251k events/s, 128K 261-275k. */
 #define L0_MAX_DEFAULT  131072
 #define L0_MAX_MIN      16
+#define L0_MAX_LIMIT    (1u << 24)  /* 1 GB of L0 in each of the writer and the readers */
 
 struct tly_store {
     MDB_env *env;
@@ -292,14 +293,10 @@ tly_store_open (const char *dir, size_t map_size, tly_store **out, const char **
     tly_store *self = calloc (1, sizeof *self);
     if (!self)
         return TLY_ENOMEM;
-    self->dx.l0_max = L0_MAX_DEFAULT;
     self->dx.key_of = entry_dedup_key;
     self->dx.key_ctx = self;
-    /*  For tuning and tests; a value that does not parse keeps the default. */
-    const char *env_l0 = getenv ("TALLY_L0_MAX");
-    unsigned long long l0 = env_l0 ? strtoull (env_l0, NULL, 10) : 0;
-    if (l0)
-        tly_store_set_l0_max (self, (size_t) l0);
+    self->dx.l0_max = tly_env_u64 ("store", "TALLY_L0_MAX", L0_MAX_DEFAULT, L0_MAX_MIN,
+                                   L0_MAX_LIMIT);
     char path[4096];
     snprintf (path, sizeof path, "%s/ledger", dir);
     snprintf (self->data_path, sizeof self->data_path, "%s/data.mdb", path);

@@ -1,6 +1,9 @@
-/*  util.c -- status names and the clock. */
+/*  util.c -- status names, the clock and tuning from the environment. */
+#include <errno.h>
+#include <stdlib.h>
 #include <time.h>
 #include "tally/tally.h"
+#include "tally/log.h"
 
 const char *
 tly_strerror (int rc)
@@ -29,4 +32,22 @@ tly_now_ms (void)
     struct timespec ts;
     clock_gettime (CLOCK_REALTIME, &ts);
     return (uint64_t) ts.tv_sec * 1000u + (uint64_t) ts.tv_nsec / 1000000u;
+}
+
+uint64_t
+tly_env_u64 (const char *who, const char *name, uint64_t dflt, uint64_t min, uint64_t max)
+{
+    const char *text = getenv (name);
+    if (!text || !*text)
+        return dflt;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull (text, &end, 10);
+    if (errno || *end || text[0] < '0' || text[0] > '9' || v < min || v > max) {
+        tly_warn (who, "%s=%s is not a number from %llu to %llu; using %llu", name, text,
+                  (unsigned long long) min, (unsigned long long) max,
+                  (unsigned long long) dflt);
+        return dflt;
+    }
+    return v;
 }

@@ -53,4 +53,10 @@ typedef struct {
 /*  Milliseconds since the Unix epoch, from the real-time clock. */
 uint64_t tly_now_ms (void);
 
+/*  The environment variable name as a decimal number from min to max, for
+    tuning and tests; dflt when it is unset or empty, and when it is not
+    such a number (with a warning from who that says so). */
+uint64_t tly_env_u64 (const char *who, const char *name, uint64_t dflt,
+                      uint64_t min, uint64_t max);
+
 #endif
