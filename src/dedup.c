@@ -315,8 +315,10 @@ typedef struct {
     uint8_t blk[BLOCK_BYTES];       /* a copy: no pointer into the map kept */
 } run_cursor;
 
-/*  Takes the block k/v into c, checked whole (ascending, keyed by its
-    last record); records up to `after` (if any) are skipped. */
+/*  Takes the block k/v into c, checked whole: keyed by its last record,
+    ascending, and above the record before it (c->key, when c->above).
+    The first block of a resumed read holds `after` or less at its start,
+    and those records are skipped instead. */
 static int
 block_load (run_cursor *c, const MDB_val *k, const MDB_val *v, const uint8_t *after)
 {
@@ -325,6 +327,8 @@ block_load (run_cursor *c, const MDB_val *k, const MDB_val *v, const uint8_t *af
     ||  memcmp ((const uint8_t *) v->mv_data + (n - 1) * REC_LEN, k->mv_data, TLY_DEDUP_LEN))
         return TLY_ECORRUPT;
     memcpy (c->blk, v->mv_data, v->mv_size);
+    if (!after && c->above && key_cmp (c->blk, c->key) <= 0)
+        return TLY_ECORRUPT;
     for (size_t i = 1; i < n; i++)
         if (key_cmp (c->blk + (i - 1) * REC_LEN, c->blk + i * REC_LEN) >= 0)
             return TLY_ECORRUPT;
@@ -341,10 +345,8 @@ static int
 rcur_step (run_cursor *c, MDB_cursor_op op, const uint8_t *after)
 {
     for (;;) {
-        if (c->packed && c->i < c->n) {
+        if (c->packed && c->i < c->n) {     /* in order: block_load checked */
             const uint8_t *r = c->blk + c->i++ * REC_LEN;
-            if (c->above && key_cmp (r, c->key) <= 0)
-                break;              /* out of order: lookups would miss keys */
             memcpy (c->key, r, TLY_DEDUP_LEN);
             memcpy (&c->seq, r + TLY_DEDUP_LEN, 8);
             c->live = c->above = true;
@@ -769,6 +771,7 @@ struct dx_writer {
     dx_view view;
     bool loaded;                    /* the state below matches meta + txn */
     bool dirty;                     /* this txn changed it */
+    int failed;                     /* maintenance failed in this txn: its error */
     uint64_t work;                  /* counts changes, to know when to stop */
     dx_rec *frozen;                 /* build[0]: L0's keys [covered, covered + total), sorted */
     uint32_t next_id;
@@ -1107,6 +1110,7 @@ dx_writer_end (dx_writer *self, bool committed)
     if (!committed && self->dirty)
         forget_state (self);
     self->dirty = false;
+    self->failed = 0;
     self->txn = NULL;
     drop_fresh (self);
 }
@@ -1182,11 +1186,6 @@ build_put (dx_writer *self, dx_build *b, const uint8_t key[TLY_DEDUP_LEN], uint6
         key out of order (or twice) breaks the one-place rule. */
     if (b->done > 0 && key_cmp (key, b->last) <= 0)
         return TLY_ECORRUPT;
-    /*  A full block whose put failed (the txn is then lost, but a caller
-        may still ask for more maintenance in it): write it first. */
-    int err = b->block && b->nblk == b->block ? block_put (self, b) : TLY_OK;
-    if (err)
-        return err;
     if (b->block) {
         uint8_t *r = b->blk + (size_t) b->nblk++ * REC_LEN;
         memcpy (r, key, TLY_DEDUP_LEN);
@@ -1493,6 +1492,10 @@ drop_dead (dx_writer *self, uint64_t budget)
 static int
 maintain (dx_writer *self, uint64_t budget, bool *worked)
 {
+    /*  After a failure the txn is lost (and the state half way): no more
+        maintenance in it, whoever asks. */
+    if (self->failed)
+        return self->failed;
     uint64_t work = self->work;
     int err = drop_dead (self, budget);
     if (!err)
@@ -1507,6 +1510,7 @@ maintain (dx_writer *self, uint64_t budget, bool *worked)
     }
     if (err) {
         self->dirty = true;         /* the txn must not commit; forget at end */
+        self->failed = err;
         return err;
     }
     *worked = self->work != work;
