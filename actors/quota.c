@@ -70,6 +70,7 @@ typedef struct {
     zactor_t *writer;                /* writes snapshots (see below) */
     bool writing;                    /* a snapshot is with the writer */
     unsigned failures;               /* writes failed in a row (0..6) */
+    uint64_t fail_writes;            /* tests: the writer fails this many (its own) */
     tly_buf snap;
     ticket_t tickets[MAX_TICKETS];
     size_t ntickets;
@@ -245,7 +246,7 @@ snap_write (MDB_env *mdb, MDB_dbi usage, MDB_dbi meta, const uint8_t *p, size_t 
 static void
 writer_actor (zsock_t *pipe, void *args)
 {
-    quota_t *q = args;              /* only mdb and the dbis: fixed while we live */
+    quota_t *q = args;              /* mdb and the dbis (fixed), and fail_writes */
     zsock_signal (pipe, 0);
     while (true) {
         zframe_t *f = zframe_recv (pipe);
@@ -253,7 +254,8 @@ writer_actor (zsock_t *pipe, void *args)
             zframe_destroy (&f);
             break;
         }
-        int rc = snap_write (q->mdb, q->usage, q->meta, zframe_data (f), zframe_size (f));
+        int rc = q->fail_writes ? (q->fail_writes--, TLY_EIO)
+               : snap_write (q->mdb, q->usage, q->meta, zframe_data (f), zframe_size (f));
         zframe_destroy (&f);
         zstr_send (pipe, rc ? "1" : "0");
     }
@@ -972,6 +974,7 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
     int rc = tly_quota_new (&self.q);
     if (!rc) rc = db_open (&self);
     if (!rc) rc = db_load (&self);
+    self.fail_writes = tly_env_u64 (WHO, "TALLY_TEST_FAIL_CHECKPOINTS", 0, 0, 1000);
     if (!rc && !(self.writer = zactor_new (writer_actor, &self)))
         rc = TLY_ENOMEM;
     if (!rc) tly_quota_clean (self.q);       /* loaded rows are on disk already */
