@@ -16,6 +16,7 @@
 #include <time.h>
 #include <cmocka.h>
 #include <dirent.h>
+#include <lmdb.h>
 #include "tally/tally.h"
 #include "tally/client.h"
 #include "helper_server.h"
@@ -295,13 +296,17 @@ expect_present (fixture *fx, const char *customer, const char *key)
     E2E_OK (&fx->r);
 }
 
-//  Stops tallyd cleanly and starts it again on the same data dir.
+//  Stops tallyd cleanly (or kills it: crash) and starts it again on the
+//  same data dir.
 static void
-fx_restart_server (fixture *fx)
+fx_restart_server (fixture *fx, bool crash)
 {
     e2e_conn_destroy (&fx->api);
     e2e_conn_destroy (&fx->ctl);
-    assert_int_equal (e2e_server_stop (fx->srv), 0);
+    if (crash)
+        e2e_server_kill (fx->srv);
+    else
+        assert_int_equal (e2e_server_stop (fx->srv), 0);
     assert_int_equal (e2e_server_start (fx->srv), TLY_OK);
     fx->api = e2e_conn_new (fx->srv->api);
     fx->ctl = e2e_conn_new (fx->srv->control);
@@ -682,7 +687,7 @@ test_quota_race_and_restart (void **state)
     assert_int_equal (tree_size (&fx), LIMIT);
 
     //  a clean restart: the limit is durable and usage is rebuilt
-    fx_restart_server (&fx);
+    fx_restart_server (&fx, false);
     expect_quota (&fx, "race-cust", "calls", LIMIT, LIMIT);
     uint64_t now = tly_now_ms ();
     tly_event more[3] = {
@@ -730,7 +735,7 @@ test_quota_race_and_restart (void **state)
 
     //  a removed limit stays removed across a restart
     set_quota (&fx, "race-cust", "calls", "null");
-    fx_restart_server (&fx);
+    fx_restart_server (&fx, false);
     uint64_t l, u;
     assert_false (quota_of (&fx, "race-cust", "calls", &l, &u));
     ingest_raw (&fx, three + 2, 1);
@@ -812,7 +817,7 @@ test_quota_limit_under_restarts (void **state)
     assert_int_equal (tree_size (&fx), LIMIT);
     expect_quota (&fx, "lim-cust", "calls", LIMIT, LIMIT);
 
-    fx_restart_server (&fx);
+    fx_restart_server (&fx, false);
     expect_quota (&fx, "lim-cust", "calls", LIMIT, LIMIT);
     tly_event one = e2e_event ("lim-cust", "calls", "after-restart", 1, tly_now_ms ());
     ingest_until_served (&fx, &one, 1);
@@ -853,6 +858,142 @@ push_ones (fixture *fx, const char *customer, const char *meter, const char *tag
     }
     return accepted;
 }
+
+//  The quota actor's last checkpoint in <data dir>/quota: `counted` (the
+//  ledger entries its usage includes) and the sum of its usage rows, read
+//  beside a running tallyd.  With `rewind` (quota terminated, so nothing
+//  else writes there), first sets it back to nothing counted, as if no
+//  checkpoint had been written since the limits were set.
+static void
+quota_checkpoint (fixture *fx, bool rewind, uint64_t *counted, uint64_t *used)
+{
+    char path[200];
+    snprintf (path, sizeof path, "%s/quota", fx->srv->dir);
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi usage, meta;
+    MDB_cursor *cur;
+    assert_int_equal (mdb_env_create (&env), 0);
+    assert_int_equal (mdb_env_set_maxdbs (env, 4), 0);
+    assert_int_equal (mdb_env_set_mapsize (env, (size_t) 4 << 30), 0);
+    assert_int_equal (mdb_env_open (env, path, rewind ? 0 : MDB_RDONLY, 0644), 0);
+    assert_int_equal (mdb_txn_begin (env, NULL, rewind ? 0 : MDB_RDONLY, &txn), 0);
+    assert_int_equal (mdb_dbi_open (txn, "usage", 0, &usage), 0);
+    assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
+    MDB_val k = { 7, "counted" }, v;
+    if (rewind) {
+        uint64_t zero = 0;
+        v = (MDB_val) { 8, &zero };
+        assert_int_equal (mdb_drop (txn, usage, 0), 0);
+        assert_int_equal (mdb_put (txn, meta, &k, &v, 0), 0);
+        assert_int_equal (mdb_txn_commit (txn), 0);
+        assert_int_equal (mdb_txn_begin (env, NULL, MDB_RDONLY, &txn), 0);
+    }
+    *counted = 0;
+    if (mdb_get (txn, meta, &k, &v) == 0) {
+        assert_int_equal (v.mv_size, 8);
+        memcpy (counted, v.mv_data, 8);
+    }
+    *used = 0;
+    assert_int_equal (mdb_cursor_open (txn, usage, &cur), 0);
+    for (int op = MDB_FIRST; mdb_cursor_get (cur, &k, &v, op) == 0; op = MDB_NEXT) {
+        uint64_t u;
+        assert_int_equal (v.mv_size, 8);
+        memcpy (&u, v.mv_data, 8);
+        *used += u;
+    }
+    mdb_cursor_close (cur);
+    mdb_txn_abort (txn);
+    mdb_env_close (env);
+}
+
+//  A recount of usage (a start with an old checkpoint) stopped by the
+//  operator keeps what it counted: the checkpoint written on the way out
+//  holds the exact usage of the entries it says, and the next start goes
+//  on from there, never counting an entry twice.  Then tallyd is killed
+//  mid recount: the next start goes on from the last checkpoint.  Every
+//  event has qty 1, so usage must equal `counted` at every step.
+static void
+test_quota_recount_interrupted (void **state)
+{
+    (void) state;
+    static fixture fx;
+    fx_start (&fx);
+    enum { N = 400000, MORE = 5 };
+    set_quota (&fx, "rc-cust", "calls", "400005");
+    tly_event *ev = calloc (N, sizeof *ev);
+    char (*keys)[16] = calloc (N, sizeof *keys);
+    tly_result *res = calloc (N, sizeof *res);
+    assert_true (ev && keys && res);
+    uint64_t now = tly_now_ms ();
+    for (size_t i = 0; i < N; i++) {
+        snprintf (keys[i], sizeof keys[i], "rc-%zu", i);
+        ev[i] = e2e_event ("rc-cust", "calls", keys[i], 1, now);
+    }
+    tly_client *client = e2e_client (fx.srv->api, 30000, 2);
+    assert_non_null (client);
+    assert_int_equal (tly_client_push (client, ev, N, 1000, res, NULL, fx.srv->pk), TLY_OK);
+    for (size_t i = 0; i < N; i++)
+        assert_int_equal (res[i].status, TLY_ACCEPTED);
+    tly_client_destroy (&client);
+    free (res);
+    free (keys);
+    free (ev);
+
+    //  quota writes all it counted when it stops; with quota stopped, its
+    //  checkpoint is set back to nothing counted.
+    uint64_t counted, used;
+    control_op (&fx, "terminate_child", "quota");
+    wait_state (&fx, "quota", "terminated");
+    quota_checkpoint (&fx, false, &counted, &used);
+    assert_int_equal (counted, N);
+    assert_int_equal (used, N);
+    quota_checkpoint (&fx, true, &counted, &used);
+    assert_int_equal (counted, 0);
+    assert_int_equal (used, 0);
+    control_op (&fx, "restart_child", "quota");
+
+    //  Stop quota as soon as it runs (it counts after it says it is
+    //  ready, a slice of 100,000 entries between looks at its pipe), look
+    //  at what it left, start it again.
+    uint64_t last = 0;
+    unsigned cycles = 0, partial = 0;
+    bool killed = false;
+    for (; last < N && cycles < 100; cycles++) {
+        control_op (&fx, "terminate_child", "quota");
+        wait_state (&fx, "quota", "terminated");
+        quota_checkpoint (&fx, false, &counted, &used);
+        if (counted < last || used != counted) {
+            fprintf (stderr, "cycle %u: checkpoint counted %llu with usage %llu (before: "
+                     "%llu)\n", cycles, (unsigned long long) counted,
+                     (unsigned long long) used, (unsigned long long) last);
+            fail ();
+        }
+        partial += counted > last && counted < N;
+        last = counted;
+        control_op (&fx, "restart_child", "quota");     /* replies when it runs */
+        if (partial == 2 && !killed) {
+            fx_restart_server (&fx, true);
+            killed = true;
+        }
+    }
+    fprintf (stderr, "%u stops of quota, %u of them mid recount; tallyd killed after "
+             "the second\n", cycles, partial);
+    assert_int_equal (last, N);
+    assert_true (partial >= 2 && killed);
+
+    bool ok;
+    uint64_t limit = 0;
+    E2E_POLL (ok, STATE_MS, quota_of (&fx, "rc-cust", "calls", &limit, &used) && used == N);
+    if (!ok)
+        fprintf (stderr, "usage after the recounts: %s\n", e2e_reply_json (&fx.r));
+    assert_true (ok);
+    assert_int_equal (push_ones (&fx, "rc-cust", "calls", "rc-more", MORE + 3), MORE);
+    expect_quota (&fx, "rc-cust", "calls", N + MORE, N + MORE);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
 
 //  Events no limit applies to are admitted by receipt alone (quota counts
 //  them from the commit), so a limit set later sees all of them, takes
@@ -945,6 +1086,37 @@ test_quota_lost_commit (void **state)
     e2e_pass ();
 }
 
+//  A usage checkpoint that fails (injected) is redone in full: the rows
+//  it held are not changed again before the next one, which must still
+//  write them, or a later crash would restart from a checkpoint whose
+//  `counted` includes those events and whose rows do not.
+static void
+test_quota_checkpoint_fails (void **state)
+{
+    (void) state;
+    setenv ("TALLY_TEST_FAIL_CHECKPOINTS", "1", 1);
+    static fixture fx;
+    fx_start (&fx);
+    unsetenv ("TALLY_TEST_FAIL_CHECKPOINTS");
+    set_quota (&fx, "cf-a", "calls", "100");
+    set_quota (&fx, "cf-b", "calls", "100");
+    assert_int_equal (push_ones (&fx, "cf-a", "calls", "cf-a1", 8), 8);
+    bool ok;
+    E2E_POLL (ok, STATE_MS, e2e_server_log_has (fx.srv, " WARN ", "usage checkpoint failed"));
+    assert_true (ok);
+    //  only b changes now; the next checkpoint (2 s later) must hold a too
+    assert_int_equal (push_ones (&fx, "cf-b", "calls", "cf-b1", 5), 5);
+    uint64_t counted = 0, used = 0;
+    E2E_POLL (ok, STATE_MS, (quota_checkpoint (&fx, false, &counted, &used), counted == 13));
+    assert_true (ok);
+    assert_int_equal (used, 13);
+    fx_restart_server (&fx, true);
+    expect_quota (&fx, "cf-a", "calls", 100, 8);
+    expect_quota (&fx, "cf-b", "calls", 100, 5);
+    fx_finish (&fx);
+    e2e_pass ();
+}
+
 //  Fills (customer, meter) exactly to `limit`, then one more unit fails.
 static void
 fill_to (fixture *fx, const char *customer, const char *meter, uint64_t limit, const char *tag)
@@ -1007,7 +1179,7 @@ test_quota_precedence (void **state)
     assert_true (e2e_str_is (&fx.r.body, "results.0.code", "quota_exceeded"));   //  20 > 10
 
     //  all of it survives a restart
-    fx_restart_server (&fx);
+    fx_restart_server (&fx, false);
     tly_event again[3] = {
         e2e_event ("bolt", "cpu", "restart-1", 1, now),
         e2e_event ("bolt", "disk", "restart-2", 1, now),
@@ -1249,9 +1421,12 @@ main (void)
         cmocka_unit_test_setup_teardown (test_quota_race_and_restart, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_limit_under_restarts, e2e_setup,
                                          fx_teardown),
+        cmocka_unit_test_setup_teardown (test_quota_recount_interrupted, e2e_setup,
+                                         fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_precedence, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_counts_unlimited, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_lost_commit, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_quota_checkpoint_fails, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_same_keys_race, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_in_batch, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_config_file, e2e_setup, fx_teardown),
