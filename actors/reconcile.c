@@ -1,10 +1,14 @@
 /*  reconcile.c -- the reconcile actor: a scrubber for the stored ledger.
 
     A pass checks every stored byte against a hash:
-      1. entries: each leaf decodes as a canonical leaf carrying its own seq;
-      2. nodes: each stored interior node is the hash of its two children
-         (at level 1 the children are hashes of the leaves' bytes, which is
-         what covers the entries; the last, odd leaf is covered by step 4);
+      1-2. entries and nodes, in one walk in the order the tree grew (one
+         cursor per table, no lookups): each stored interior node is the
+         hash of its two children (at level 1 the children are hashes of
+         the leaves' bytes, which is what covers the entries; the last
+         leaves, under no node yet, are covered by step 4); and each leaf
+         decodes as a canonical leaf carrying its own seq, checked once per
+         start of the scrubber (every pass hashes the bytes again, so a
+         leaf that decoded well still does);
       3. dedup: each idempotency record names an entry whose (customer, key)
          hashes to the record's key, and each run's Bloom filter says
          "maybe" for every key of the run (the runs' counts must add up to
@@ -29,6 +33,7 @@
     go to the log (ERROR on the first finding), to `status` and to
     `verify`.
 */
+#include <assert.h>
 #include <errno.h>
 #include <sodium.h>
 #include <stdlib.h>
@@ -50,7 +55,7 @@
 #define HEADS_FULL 64               /* check_sth_one; env TALLY_HEADS_FULL */
 #define HEADS_FULL_MAX 1000000
 
-typedef enum { PH_ENTRIES, PH_NODES, PH_DEDUP, PH_STHS, PH_DONE } phase_t;
+typedef enum { PH_TREE, PH_DEDUP, PH_STHS, PH_DONE } phase_t;
 
 typedef struct {
     bool ok;
@@ -69,8 +74,11 @@ typedef struct {
     uint64_t rotation;              /* heads phases completed, from a random start */
     uint64_t heads;                 /* heads seen in this pass */
     uint64_t heads_full;            /* one sealed head in this many in full */
-    uint64_t pos;                   /* entries / sth position */
-    unsigned level;                 /* nodes: current level */
+    uint64_t pos;                   /* tree: the next leaf; heads: the next size */
+    uint8_t stack[64][32];          /* tree: roots of the complete subtrees */
+    uint8_t stack_level[64];        /*       below pos, their levels descending */
+    unsigned depth;
+    uint64_t decoded;               /* entries [0, decoded) decoded well once */
     uint8_t dedup_last[TLY_DEDUP_POS_LEN];
     bool dedup_started;
     uint64_t checked;
@@ -97,9 +105,9 @@ fail (recon_t *self, const char *fmt, ...)
 static void
 pass_start (recon_t *self)
 {
-    self->phase = PH_ENTRIES;
+    self->phase = PH_TREE;
     self->pos = 0;
-    self->level = 1;
+    self->depth = 0;
     self->dedup_started = false;
     self->checked = 0;
     self->error[0] = 0;
@@ -114,67 +122,85 @@ pass_start (recon_t *self)
 
 /* ---- the four phases; each does up to `budget` checks ---- */
 
-static size_t
-check_entries (recon_t *self, size_t budget)
+/*  Entries and nodes in one walk, in the order the tree grew: each leaf
+    is hashed and pushed; each node completed by it must be the hash of the
+    two subtrees on top, which it then replaces (so every stored node is
+    checked against its children, and level-1 nodes against the leaves'
+    bytes; the last leaves, not yet under a node, are covered by the heads'
+    roots).  A leaf is also decoded, once per start of the scrubber: its
+    bytes are hashed by every pass, so one that decoded well stays so. */
+static int
+tree_leaf (void *arg, uint64_t seq, const uint8_t *leaf, size_t len)
 {
-    size_t done = 0;
-    for (; done < budget && self->pos < self->size && !self->error[0]; done++, self->pos++) {
-        uint64_t seq = self->pos;
-        const uint8_t *leaf;
-        size_t len;
-        tly_entry e;
-        int rc = tly_reader_leaf (self->reader, seq, &leaf, &len);
-        if (rc) {
-            fail (self, "entry %llu is missing (%s)", (unsigned long long) seq, tly_strerror (rc));
-            break;
+    recon_t *self = arg;
+    tly_entry e;
+    if (!leaf) {
+        fail (self, "entry %llu is missing", (unsigned long long) seq);
+        return TLY_ECORRUPT;
+    }
+    if (seq >= self->decoded) {
+        if (tly_leaf_decode (leaf, len, &e, NULL) || e.seq != seq) {
+            fail (self, "entry %llu is not a canonical leaf for its seq",
+                  (unsigned long long) seq);
+            return TLY_ECORRUPT;
         }
-        if (tly_leaf_decode (leaf, len, &e, NULL) || e.seq != seq)
-            fail (self, "entry %llu is not a canonical leaf for its seq", (unsigned long long) seq);
-        self->checked++;
+        if (seq == self->decoded)
+            self->decoded++;
     }
-    if (self->pos >= self->size) {
-        self->phase = PH_NODES;     /* from the level-1 nodes, which cover the leaves */
-        self->level = 1;
-        self->pos = 0;
-    }
-    return done;
+    assert (self->depth < 64);
+    tly_merkle_leaf_hash (leaf, len, self->stack[self->depth]);
+    self->stack_level[self->depth++] = 0;
+    self->checked++;
+    return TLY_OK;
 }
 
-static size_t
-check_nodes (recon_t *self, size_t budget)
+static int
+tree_node (void *arg, unsigned level, uint64_t index, const uint8_t *node)
 {
-    size_t done = 0;
-    while (done < budget && !self->error[0]) {
-        if (self->level >= 64 || (self->size >> self->level) == 0) {
-            self->phase = PH_DEDUP;
-            break;
-        }
-        if (self->pos >= self->size >> self->level) {
-            self->level++;
-            self->pos = 0;
-            continue;
-        }
-        uint8_t node[32], l[32], r[32], h[32];
-        uint64_t i = self->pos++;
-        if (tly_reader_node (self->reader, self->level, i, node)
-        ||  tly_reader_node (self->reader, self->level - 1, 2 * i, l)
-        ||  tly_reader_node (self->reader, self->level - 1, 2 * i + 1, r)) {
-            fail (self, "Merkle node (%u, %llu) or a child is missing or malformed",
-                  self->level, (unsigned long long) i);
-            break;
-        }
-        tly_merkle_node_hash (l, r, h);
-        if (memcmp (h, node, 32) && self->level == 1)
-            fail (self, "entry %llu or %llu does not hash to what Merkle node (1, %llu) "
-                        "holds", (unsigned long long) (2 * i), (unsigned long long) (2 * i + 1),
-                  (unsigned long long) i);
-        else
-        if (memcmp (h, node, 32))
-            fail (self, "Merkle node (%u, %llu) is not the hash of its children",
-                  self->level, (unsigned long long) i);
-        done++;
+    recon_t *self = arg;
+    if (!node) {
+        fail (self, "Merkle node (%u, %llu) is missing or malformed", level,
+              (unsigned long long) index);
+        return TLY_ECORRUPT;
     }
-    return done;
+    /*  The walk passes a node right after the two subtrees it joins. */
+    assert (self->depth >= 2 && self->stack_level[self->depth - 1] == level - 1
+            && self->stack_level[self->depth - 2] == level - 1);
+    uint8_t h[32];
+    tly_merkle_node_hash (self->stack[self->depth - 2], self->stack[self->depth - 1], h);
+    if (memcmp (h, node, 32)) {
+        if (level == 1)
+            fail (self, "entry %llu or %llu does not hash to what Merkle node (1, %llu) "
+                        "holds", (unsigned long long) (2 * index),
+                  (unsigned long long) (2 * index + 1), (unsigned long long) index);
+        else
+            fail (self, "Merkle node (%u, %llu) is not the hash of its children", level,
+                  (unsigned long long) index);
+        return TLY_ECORRUPT;
+    }
+    self->depth--;
+    memcpy (self->stack[self->depth - 1], node, 32);
+    self->stack_level[self->depth - 1] = (uint8_t) level;
+    return TLY_OK;
+}
+
+/*  Budget: two checks a leaf (the leaf, and about one node). */
+static size_t
+check_tree (recon_t *self, size_t budget)
+{
+    uint64_t next = self->pos;
+    int rc = tly_reader_tree_walk (self->reader, self->pos, self->size, budget / 2 + 1,
+                                   tree_leaf, tree_node, self, &next);
+    if (rc && !self->error[0])
+        fail (self, "the entries or Merkle nodes cannot be read after entry %llu (%s)",
+              (unsigned long long) next, tly_strerror (rc));
+    size_t done = 2 * (size_t) (next - self->pos);
+    self->pos = next;
+    if (self->pos >= self->size) {
+        self->phase = PH_DEDUP;
+        self->pos = 0;
+    }
+    return done ? done : 1;
 }
 
 static int
@@ -325,8 +351,7 @@ slice (recon_t *self, size_t budget)
     while (done < budget && self->phase != PH_DONE && !self->error[0]) {
         size_t left = budget - done;
         switch (self->phase) {
-            case PH_ENTRIES: done += check_entries (self, left); break;
-            case PH_NODES:   done += check_nodes (self, left); break;
+            case PH_TREE:    done += check_tree (self, left); break;
             case PH_DEDUP:   done += check_dedup (self, left); break;
             case PH_STHS:    done += check_sths (self, left); break;
             case PH_DONE:    break;

@@ -600,6 +600,69 @@ tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32])
     return txn_node (self->store, self->txn, level, index, out);
 }
 
+/*  Nodes are keyed in the order they were completed (node_key), so one
+    cursor walks them along with the leaves: leaf m completes the nodes of
+    levels 1 up to its count of trailing one bits, keys 2m - popcount (m)
+    + level; the key 2m - popcount (m) (level 0, never stored) lies between
+    the nodes of leaf m - 1 and those of leaf m. */
+int
+tly_reader_tree_walk (tly_reader *self, uint64_t from, uint64_t until, size_t count,
+                      tly_walk_leaf_fn *leaf_fn, tly_walk_node_fn *node_fn, void *ctx,
+                      uint64_t *next)
+{
+    MDB_cursor *ec, *nc;
+    *next = from;
+    if (mdb_cursor_open (self->txn, self->store->entries, &ec))
+        return TLY_EIO;
+    if (mdb_cursor_open (self->txn, self->store->nodes, &nc)) {
+        mdb_cursor_close (ec);
+        return TLY_EIO;
+    }
+    uint64_t ekey = from, nkey = node_key (0, from);
+    MDB_val k = { 8, &ekey }, v, nk = { 8, &nkey }, nv;
+    int erc = mdb_cursor_get (ec, &k, &v, MDB_SET_RANGE);
+    int nrc = mdb_cursor_get (nc, &nk, &nv, MDB_SET_RANGE);
+    int err = TLY_OK;
+    for (uint64_t m = from; m < until && m - from < count; m++) {
+        uint64_t key = UINT64_MAX;
+        if ((erc && erc != MDB_NOTFOUND) || (nrc && nrc != MDB_NOTFOUND)) {
+            err = TLY_EIO;
+            break;
+        }
+        if (erc == 0 && k.mv_size == 8)
+            memcpy (&key, k.mv_data, 8);
+        bool have = key == m;
+        if ((err = leaf_fn (ctx, m, have ? v.mv_data : NULL, have ? v.mv_size : 0)))
+            break;
+        if (have)
+            erc = mdb_cursor_get (ec, &k, &v, MDB_NEXT);
+        for (unsigned level = 1; !err && level < 64 && (m >> (level - 1)) & 1; level++) {
+            uint64_t want = node_key (level, m >> level);
+            key = UINT64_MAX;
+            while (nrc == 0 && nk.mv_size == 8) {
+                memcpy (&key, nk.mv_data, 8);
+                if (key >= want)
+                    break;
+                nrc = mdb_cursor_get (nc, &nk, &nv, MDB_NEXT);  /* a key no node has */
+                key = UINT64_MAX;
+            }
+            if (nrc && nrc != MDB_NOTFOUND)
+                err = TLY_EIO;
+            if (!err)
+                err = node_fn (ctx, level, m >> level,
+                               key == want && nv.mv_size == 32 ? nv.mv_data : NULL);
+            if (!err && key == want)
+                nrc = mdb_cursor_get (nc, &nk, &nv, MDB_NEXT);
+        }
+        if (err)
+            break;
+        *next = m + 1;
+    }
+    mdb_cursor_close (nc);
+    mdb_cursor_close (ec);
+    return err;
+}
+
 int
 tly_reader_sth (tly_reader *self, uint64_t tree_size, tly_sth *out)
 {

@@ -883,6 +883,148 @@ test_meta_lost_with_entries (void **state)
     assert_non_null (strstr (why, "entries"));
 }
 
+/*  What a tree walk passed: leaves as (0, seq), nodes as (level, index),
+    in order, each with its bytes' hash or node; a NULL as all-zero. */
+typedef struct {
+    tly_reader *r;
+    size_t n, cap;
+    struct { unsigned level; uint64_t index; uint8_t v[32]; bool null; } *item;
+    size_t stop_at;             /* return TLY_EINVAL at this item (0: never) */
+} walk_log;
+
+static int
+walk_add (walk_log *w, unsigned level, uint64_t index, const uint8_t *v, size_t len)
+{
+    if (w->n == w->cap) {
+        w->cap = w->cap ? 2 * w->cap : 256;
+        w->item = realloc (w->item, w->cap * sizeof *w->item);
+        assert_non_null (w->item);
+    }
+    memset (&w->item[w->n], 0, sizeof *w->item);      /* padding too: compared whole */
+    w->item[w->n].level = level;
+    w->item[w->n].index = index;
+    w->item[w->n].null = v == NULL;
+    if (v && level == 0)
+        tly_merkle_leaf_hash (v, len, w->item[w->n].v);
+    else
+    if (v)
+        memcpy (w->item[w->n].v, v, 32);
+    return ++w->n == w->stop_at ? TLY_EINVAL : TLY_OK;
+}
+
+static int
+walk_leaf (void *ctx, uint64_t seq, const uint8_t *leaf, size_t len)
+{
+    return walk_add (ctx, 0, seq, leaf, len);
+}
+
+static int
+walk_node (void *ctx, unsigned level, uint64_t index, const uint8_t *node)
+{
+    return walk_add (ctx, level, index, node, 32);
+}
+
+/*  The walk passes every leaf in order, each followed by exactly the nodes
+    it completed (node (l, i) right after leaf ((i + 1) << l) - 1), with
+    the values tly_reader_node reads; in slices from any leaf it passes the
+    same; a missing node comes as NULL at its place; a callback's error
+    stops it. */
+static void
+test_tree_walk (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    tly_writer *w;
+    tly_reader *r;
+    const char *why = NULL;
+    enum { N = 1000 };
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+    assert_int_equal (tly_writer_open (s, f->pk, &w, &why), TLY_OK);
+    tly_sth sth;
+    append_n (w, s, f, 0, 1, &sth);
+    append_n (w, s, f, 1, 300, &sth);
+    append_n (w, s, f, 301, N - 301, &sth);
+    assert_int_equal (tly_reader_new (s, &r), TLY_OK);
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    walk_log all = { .r = r };
+    uint64_t next = 0;
+    assert_int_equal (tly_reader_tree_walk (r, 0, N, SIZE_MAX, walk_leaf, walk_node, &all, &next),
+                      TLY_OK);
+    assert_int_equal (next, N);
+    size_t at = 0;
+    for (uint64_t m = 0; m < N; m++) {
+        uint8_t h[32];
+        assert_int_equal (all.item[at].level, 0);
+        assert_int_equal (all.item[at].index, m);
+        assert_int_equal (tly_reader_node (r, 0, m, h), TLY_OK);
+        assert_memory_equal (all.item[at].v, h, 32);
+        at++;
+        for (unsigned l = 1; (m >> (l - 1)) & 1; l++, at++) {
+            assert_int_equal (all.item[at].level, l);
+            assert_int_equal (all.item[at].index, m >> l);
+            assert_false (all.item[at].null);
+            assert_int_equal (tly_reader_node (r, l, m >> l, h), TLY_OK);
+            assert_memory_equal (all.item[at].v, h, 32);
+        }
+    }
+    assert_int_equal (at, all.n);
+    /*  In slices of 1 to 37 leaves, from wherever the last one stopped. */
+    walk_log sl = { .r = r };
+    for (uint64_t from = 0, k = 1; from < N; from = next, k = k % 37 + 1) {
+        assert_int_equal (tly_reader_tree_walk (r, from, N, k, walk_leaf, walk_node, &sl, &next),
+                          TLY_OK);
+        assert_int_equal (next, from + k < N ? from + k : N);
+    }
+    assert_int_equal (sl.n, all.n);
+    for (size_t i = 0; i < all.n; i++)
+        assert_memory_equal (&sl.item[i], &all.item[i], sizeof all.item[i]);
+    /*  Stopped by the callback at its 11th item, leaf 6 (the first ten
+        are leaves 0-5 and nodes (1,0), (1,1), (2,0), (1,2)): next is the
+        leaf after the last one whose nodes all came. */
+    walk_log stop = { .r = r, .stop_at = 11 };
+    assert_int_equal (tly_reader_tree_walk (r, 0, N, SIZE_MAX, walk_leaf, walk_node, &stop, &next),
+                      TLY_EINVAL);
+    assert_int_equal (stop.n, 11);
+    assert_int_equal (next, 6);
+    tly_reader_end (r);
+    tly_reader_destroy (&r);
+    tly_writer_destroy (&w);
+    tly_store_close (&s);
+
+    /*  Node (2, 5) deleted behind the store's back: NULL in its place,
+        the walk goes on. */
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi nodes;
+    raw_ledger_begin (f, 1 << 26, &env, &txn);
+    assert_int_equal (mdb_dbi_open (txn, "nodes", MDB_INTEGERKEY, &nodes), 0);
+    uint64_t m = ((5 + 1) << 2) - 1, key = 2 * m - (uint64_t) __builtin_popcountll (m) + 2;
+    MDB_val k = { 8, &key };
+    assert_int_equal (mdb_del (txn, nodes, &k, NULL), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+    assert_int_equal (tly_reader_new (s, &r), TLY_OK);
+    assert_int_equal (tly_reader_begin (r), TLY_OK);
+    walk_log gap = { .r = r };
+    assert_int_equal (tly_reader_tree_walk (r, 0, N, SIZE_MAX, walk_leaf, walk_node, &gap, &next),
+                      TLY_OK);
+    assert_int_equal (gap.n, all.n);
+    for (size_t i = 0; i < all.n; i++) {
+        bool hole = all.item[i].level == 2 && all.item[i].index == 5;
+        assert_int_equal (gap.item[i].null, hole);
+        if (!hole)
+            assert_memory_equal (&gap.item[i], &all.item[i], sizeof all.item[i]);
+    }
+    tly_reader_end (r);
+    tly_reader_destroy (&r);
+    tly_store_close (&s);
+    free (all.item);
+    free (sl.item);
+    free (stop.item);
+    free (gap.item);
+}
+
 typedef struct {
     size_t n;
     tly_seal seal[8];
@@ -971,6 +1113,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_covered_checked, setup, teardown),
         cmocka_unit_test_setup_teardown (test_format_6_to_8_and_10, setup, teardown),
         cmocka_unit_test_setup_teardown (test_format_missing, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_tree_walk, setup, teardown),
         cmocka_unit_test_setup_teardown (test_meta_lost_with_entries, setup, teardown),
         cmocka_unit_test_setup_teardown (test_sth_sealed, setup, teardown),
     };

@@ -157,6 +157,20 @@ int tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[3
     ended there); tree_size UINT64_MAX means the latest. */
 int tly_reader_sth (tly_reader *self, uint64_t tree_size, tly_sth *out);
 
+/*  The log's tree in the order it grew, for the scrubber: the leaves from
+    seq `from` (below `until`, at most `count` of them), each followed by
+    the stored nodes it completed, lowest level first (node (level, index)
+    is completed by leaf ((index + 1) << level) - 1).  Read with one cursor
+    per table, not a lookup per item.  A leaf or node that is missing, or a
+    node that is not 32 bytes, is passed as NULL.  A callback's non-zero
+    return stops the walk and is returned; *next gets the seq after the
+    last leaf whose nodes were all passed. */
+typedef int (tly_walk_leaf_fn) (void *ctx, uint64_t seq, const uint8_t *leaf, size_t len);
+typedef int (tly_walk_node_fn) (void *ctx, unsigned level, uint64_t index, const uint8_t *node);
+int tly_reader_tree_walk (tly_reader *self, uint64_t from, uint64_t until, size_t count,
+                          tly_walk_leaf_fn *leaf_fn, tly_walk_node_fn *node_fn, void *ctx,
+                          uint64_t *next);
+
 /*  Walks stored records for the scrubber.  Each calls fn for records with
     keys in [from, from + count) in order and stops at the first non-zero. */
 typedef int (tly_dedup_fn) (void *ctx, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq);
