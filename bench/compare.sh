@@ -20,6 +20,7 @@
 #   S1_EVENTS    [2000000]   S2_SECONDS [20]   S3_SECONDS [15]   S4_SECONDS [15]
 #   S6_SIZES     entries before each S6 run [0 10000000 50000000]
 #   S6_EVENTS    events per S6 run [2000000]
+#   S6_SETTLE    seconds after emptying the page cache, before each S6 run [20]
 #   PG_BIN       [/usr/lib/postgresql/15/bin]
 #
 # Everything listens on 127.0.0.1 only; every server started here is stopped
@@ -287,26 +288,45 @@ s5 () {
                   ($0 ~ /"durable":true/) ? "yes" : "NO" }' "$OUT/S5.jsonl" | tee "$OUT/S5.table"
 }
 
+# Every S6 run starts from the same memory state, whatever its size: the
+# page cache emptied (where we may: root), the disk given time to settle,
+# then its ledger read whole (a server that has been running has its
+# ledger's pages in the page cache; a log written an hour ago, with other
+# big files since, may not: the first 50M run then measured the disk, 120k
+# events/s against 221k and 292k after it).  Without the same start, the
+# sizes compare different guests: on this VM the 0 run after a 9 GB read
+# ran 9% slower than after none, and a 50M run 25% faster after the cache
+# was emptied first (bench/RESULTS.md, ninth session).
+s6_settle () {
+    sync
+    if ! as_root sh -c 'echo 1 >/proc/sys/vm/drop_caches' 2>/dev/null; then
+        log "could not drop the page cache (not root?): S6 runs start from unequal memory"
+    fi
+    sleep "${S6_SETTLE:-20}"
+    if [ -n "${1:-}" ]; then
+        cat "$1"/ledger/*.mdb >/dev/null || log "could not read $1/ledger (see above)"
+    fi
+}
+
+# Sizes alternate within each repetition (0, 10M, 50M, 0, ...), as the
+# systems do in S1-S3: the machine's speed drifts over minutes, and runs of
+# one size back to back would each meet a different machine.
 s6 () {
     : >"$OUT/S6.jsonl"
+    local n
     for n in $S6_SIZES; do
-        local dir=""
-        if [ "$n" -gt 0 ]; then
-            dir=$(big_log "$n")
-            # A server that has been running has its ledger's pages in the
-            # page cache; a log written an hour ago, with other big files
-            # since, may not (the first 50M run then measured the disk:
-            # 120k events/s against 221k and 292k after it).  Read the
-            # ledger once so that every run of every size starts cached.
-            log "reading $dir/ledger into the page cache"
-            cat "$dir"/ledger/*.mdb >/dev/null || log "could not read $dir/ledger (see above)"
-        fi
-        for r in $(seq 1 "$REPS"); do
+        if [ "$n" -gt 0 ]; then big_log "$n" >/dev/null; fi
+    done
+    for r in $(seq 1 "$REPS"); do
+        for n in $S6_SIZES; do
+            local dir=""
+            if [ "$n" -gt 0 ]; then dir=$BIG/log$n; fi
+            s6_settle "$dir"
             wait_quiet
             "$BENCH" --spawn --tallyd "$SRV" "${BIG_ARGS[@]}" ${dir:+--data-dir "$dir"} --connections 4 \
                 --batch 1000 --events "$S6_EVENTS" --json --quiet --label "S6@$n" \
                 | tee -a "$OUT/S6.jsonl" || log "an S6 run failed (see above)"
-            # The run added entries: the next size builds on top of them.
+            # The run added entries: the next one builds on top of them.
             if [ -n "$dir" ]; then
                 echo $(( $(cat "$dir/.entries") + S6_EVENTS )) >"$dir/.entries"
             fi
@@ -318,6 +338,18 @@ s6 () {
            match($0, /"server_peak_rss_anon_kb":[0-9]+/); a = substr($0, RSTART + 26, RLENGTH - 26);
            printf "%s (log of %d entries): %.0f events/s, peak RssAnon %.1f MiB\n", l, t, e, a / 1024 }' \
         "$OUT/S6.jsonl" | tee "$OUT/S6.table"
+    # Medians per size, and each against the first size's (the target: 50M
+    # within 20% of 0).
+    local first="" med
+    for n in $S6_SIZES; do
+        med=$(grep "\"label\":\"S6@$n\"" "$OUT/S6.jsonl" \
+              | sed -n 's/.*"events_per_s":\([0-9.]*\).*/\1/p' | sort -n \
+              | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }')
+        [ -n "$med" ] || continue
+        [ -n "$first" ] || first=$med
+        awk -v n="$n" -v m="$med" -v f="$first" \
+            'BEGIN { printf "S6@%s median: %.0f events/s, %+.1f%% against S6@%s\n", n, m, (m / f - 1) * 100, "'"${S6_SIZES%% *}"'" }'
+    done | tee -a "$OUT/S6.table"
 }
 
 what=${1:-}
