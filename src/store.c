@@ -156,7 +156,8 @@ meta_check (tly_store *self, MDB_txn *txn, int *format, const char **why)
                    : "meta/format is malformed" CORRUPT_RESTORE;
         return TLY_ECORRUPT;
     }
-    if (drc) {
+    /*  A newer tallyd's format first: it may keep its key elsewhere. */
+    if (drc && f <= FORMAT_NUM) {
         *why = "meta/dedup_key is missing from a ledger that has a format" CORRUPT_RESTORE;
         return TLY_ECORRUPT;
     }

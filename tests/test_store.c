@@ -836,6 +836,12 @@ test_format_6_to_8_and_10 (void **state)
     assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
     assert_non_null (why);
     assert_non_null (strstr (why, "meta/format is malformed"));
+    /*  A newer tallyd's format without the key: newer, not corrupt. */
+    set_meta (f, "format", "10");
+    why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_EINVAL);
+    assert_non_null (why);
+    assert_non_null (strstr (why, "newer"));
 }
 
 /*  A dedup key without a format is refused too, not taken as new. */
