@@ -264,6 +264,15 @@ check_sth_one (void *arg, const tly_sth *sth, tly_seal seal)
         heads_full passes every head is.  The rotation moves on only when
         a pass has checked every head: passes cut short (a `verify` call
         starts one of its own) must not skip a share of the heads. */
+    /*  A head is stored in the commit that appends its entries, so in one
+        snapshot no head is larger than the log: one that is means entries
+        at the end were removed. */
+    if (sth->tree_size > tly_reader_size (self->reader)) {
+        fail (self, "a signed tree head covers %llu entries but the log holds %llu: entries "
+                    "at its end were removed", (unsigned long long) sth->tree_size,
+              (unsigned long long) tly_reader_size (self->reader));
+        return TLY_ECORRUPT;
+    }
     bool turn = (self->heads++ + self->rotation) % self->heads_full == 0;
     if (seal == TLY_SEAL_OK && sth->tree_size != self->size && !turn)
         return TLY_OK;
@@ -272,8 +281,6 @@ check_sth_one (void *arg, const tly_sth *sth, tly_seal seal)
               (unsigned long long) sth->tree_size);
         return TLY_ECRYPTO;
     }
-    if (sth->tree_size > tly_reader_size (self->reader))
-        return TLY_OK;              /* stored after our snapshot began; next pass */
     int rc = tly_merkle_root (tly_reader_node, self->reader, sth->tree_size, root);
     if (rc || memcmp (root, sth->root, 32)) {
         fail (self, "the tree of size %llu does not match its signed head",

@@ -677,6 +677,47 @@ test_corruption_node_live (void **state)
     e2e_pass ();
 }
 
+//  The last entries deleted behind the running daemon's back (history cut
+//  short, every stored byte left intact): the scrubber reports it, because
+//  a signed head now covers more entries than the log holds.
+static void
+test_truncated_live (void **state)
+{
+    (void) state;
+    e2e_server *srv = e2e_server_new (1);
+    assert_non_null (srv);
+    push_marked (srv, "cut-cust", 20);          //  40 entries
+    e2e_conn *ctl = e2e_conn_new (srv->control);
+    e2e_reply r;
+    e2e_reply_init (&r);
+    bool clean;
+    E2E_POLL_EVERY (clean, DETECT_MS, STATUS_EVERY_MS, verified_clean (ctl, &r));
+    assert_true (clean);
+    e2e_conn_destroy (&ctl);
+
+    char env_dir[256];
+    snprintf (env_dir, sizeof env_dir, "%s/ledger", srv->dir);
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi entries;
+    assert_int_equal (mdb_env_create (&env), 0);
+    assert_int_equal (mdb_env_set_maxdbs (env, 32), 0);
+    assert_int_equal (mdb_env_open (env, env_dir, 0, 0644), 0);
+    assert_int_equal (mdb_txn_begin (env, NULL, 0, &txn), 0);
+    assert_int_equal (mdb_dbi_open (txn, "entries", MDB_INTEGERKEY, &entries), 0);
+    for (uint64_t seq = 37; seq < 40; seq++) {
+        MDB_val k = { sizeof seq, &seq };
+        assert_int_equal (mdb_del (txn, entries, &k, NULL), 0);
+    }
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+    expect_detected (srv);
+    assert_true (e2e_server_log_has (srv, " ERROR ", "entries at its end were removed"));
+    e2e_reply_free (&r);
+    assert_int_equal (e2e_server_destroy (&srv), 0);
+    e2e_pass ();
+}
+
 //  A flipped bit in the stored root of the latest signed head: the daemon
 //  must not carry on as if nothing happened.  Either it refuses to start
 //  (non-zero exit, an ERROR in the log), or it starts and reports the
@@ -853,6 +894,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_corruption_at_rest, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corruption_live, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corruption_node_live, e2e_setup, e2e_teardown),
+        cmocka_unit_test_setup_teardown (test_truncated_live, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corrupt_head_at_rest, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corrupt_old_head_seal, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corrupt_old_head_resealed, e2e_setup, e2e_teardown),
