@@ -573,6 +573,27 @@ verified_clean (e2e_conn *ctl, e2e_reply *r)
            && e2e_bool (&r->body, "verification.ok", &ok) && ok;
 }
 
+//  A tallyd scrubbing every second, with push_marked's 2n entries, after a
+//  clean pass (so that what is found later is what the test did).
+static e2e_server *
+live_clean (const char *customer, size_t n)
+{
+    e2e_server *srv = e2e_server_new (1);
+    assert_non_null (srv);
+    push_marked (srv, customer, n);
+    e2e_conn *ctl = e2e_conn_new (srv->control);
+    e2e_reply r;
+    e2e_reply_init (&r);
+    bool clean;
+    E2E_POLL_EVERY (clean, DETECT_MS, STATUS_EVERY_MS, verified_clean (ctl, &r));
+    if (!clean)
+        fprintf (stderr, "no clean verification: %s\n", e2e_reply_json (&r));
+    assert_true (clean);
+    e2e_reply_free (&r);
+    e2e_conn_destroy (&ctl);
+    return srv;
+}
+
 static void
 test_corruption_at_rest (void **state)
 {
@@ -607,28 +628,13 @@ static void
 test_corruption_live (void **state)
 {
     (void) state;
-    e2e_server *srv = e2e_server_new (1);
-    assert_non_null (srv);
     char customer[64];
     snprintf (customer, sizeof customer, "LIVECORRUPT-%08llx",
               (unsigned long long) (e2e_rand () & 0xffffffffu));
-    push_marked (srv, customer, 40);
-
-    //  a clean pass first, so detection below is of the flip
-    e2e_conn *ctl = e2e_conn_new (srv->control);
-    e2e_reply r;
-    e2e_reply_init (&r);
-    bool clean;
-    E2E_POLL_EVERY (clean, DETECT_MS, STATUS_EVERY_MS, verified_clean (ctl, &r));
-    if (!clean)
-        fprintf (stderr, "no clean verification: %s\n", e2e_reply_json (&r));
-    assert_true (clean);
-    e2e_conn_destroy (&ctl);
-
+    e2e_server *srv = live_clean (customer, 40);
     corrupt_entry (srv, customer);
     expect_detected (srv);
     assert_true (e2e_server_alive (srv));
-    e2e_reply_free (&r);
     assert_int_equal (e2e_server_destroy (&srv), 0);
     e2e_pass ();
 }
@@ -638,16 +644,9 @@ static void
 test_corruption_node_live (void **state)
 {
     (void) state;
-    e2e_server *srv = e2e_server_new (1);
-    assert_non_null (srv);
-    push_marked (srv, "node-cust", 20);      //  40 entries: nodes up to level 5
-    e2e_conn *ctl = e2e_conn_new (srv->control);
+    e2e_server *srv = live_clean ("node-cust", 20);      //  40 entries: nodes up to level 5
     e2e_reply r;
     e2e_reply_init (&r);
-    bool clean;
-    E2E_POLL_EVERY (clean, DETECT_MS, STATUS_EVERY_MS, verified_clean (ctl, &r));
-    assert_true (clean);
-    e2e_conn_destroy (&ctl);
 
     //  node (level 2, index 3) covers leaves 12..15: its hash, computed
     //  here, is what the nodes table holds
@@ -684,16 +683,7 @@ static void
 test_truncated_live (void **state)
 {
     (void) state;
-    e2e_server *srv = e2e_server_new (1);
-    assert_non_null (srv);
-    push_marked (srv, "cut-cust", 20);          //  40 entries
-    e2e_conn *ctl = e2e_conn_new (srv->control);
-    e2e_reply r;
-    e2e_reply_init (&r);
-    bool clean;
-    E2E_POLL_EVERY (clean, DETECT_MS, STATUS_EVERY_MS, verified_clean (ctl, &r));
-    assert_true (clean);
-    e2e_conn_destroy (&ctl);
+    e2e_server *srv = live_clean ("cut-cust", 20);       //  40 entries
 
     char env_dir[256];
     snprintf (env_dir, sizeof env_dir, "%s/ledger", srv->dir);
@@ -713,7 +703,6 @@ test_truncated_live (void **state)
     mdb_env_close (env);
     expect_detected (srv);
     assert_true (e2e_server_log_has (srv, " ERROR ", "entries at its end were removed"));
-    e2e_reply_free (&r);
     assert_int_equal (e2e_server_destroy (&srv), 0);
     e2e_pass ();
 }
