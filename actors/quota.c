@@ -71,6 +71,7 @@ typedef struct {
     bool writing;                    /* a snapshot is with the writer */
     unsigned failures;               /* writes failed in a row (0..6) */
     uint64_t fail_writes;            /* tests: the writer fails this many (its own) */
+    uint64_t count_slice;            /* entries per read snapshot while recounting */
     tly_buf snap;
     ticket_t tickets[MAX_TICKETS];
     size_t ntickets;
@@ -408,7 +409,7 @@ count_ledger (quota_t *self, uint64_t until)
             rc = TLY_ECORRUPT;
             break;
         }
-        uint64_t stop = size - seq > COUNT_SLICE ? seq + COUNT_SLICE : size;
+        uint64_t stop = size - seq > self->count_slice ? seq + self->count_slice : size;
         for (; !rc && seq < stop; seq++) {
             const uint8_t *leaf;
             size_t len;
@@ -975,6 +976,7 @@ tly_quota_actor (tly_child_ctx *ctx, void *args)
     if (!rc) rc = db_open (&self);
     if (!rc) rc = db_load (&self);
     self.fail_writes = tly_env_u64 (WHO, "TALLY_TEST_FAIL_CHECKPOINTS", 0, 0, 1000);
+    self.count_slice = tly_env_u64 (WHO, "TALLY_TEST_COUNT_SLICE", COUNT_SLICE, 1000, 10000000);
     if (!rc && !(self.writer = zactor_new (writer_actor, &self)))
         rc = TLY_ENOMEM;
     if (!rc) tly_quota_clean (self.q);       /* loaded rows are on disk already */
