@@ -255,8 +255,11 @@ writer_actor (zsock_t *pipe, void *args)
             zframe_destroy (&f);
             break;
         }
-        int rc = q->fail_writes ? (q->fail_writes--, TLY_EIO)
-               : snap_write (q->mdb, q->usage, q->meta, zframe_data (f), zframe_size (f));
+        int rc = TLY_EIO;
+        if (q->fail_writes)
+            q->fail_writes--;       /* tests: this write fails */
+        else
+            rc = snap_write (q->mdb, q->usage, q->meta, zframe_data (f), zframe_size (f));
         zframe_destroy (&f);
         zstr_send (pipe, rc ? "1" : "0");
     }

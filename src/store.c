@@ -131,10 +131,11 @@ static int
 meta_check (tly_store *self, MDB_txn *txn, int *format, const char **why)
 {
     MDB_val fk = { 6, "format" }, fv, dk = { 9, "dedup_key" }, dv;
-    int frc = mdb_get (txn, self->meta, &fk, &fv), drc = 0, rc;
-    if ((frc && frc != MDB_NOTFOUND)
-    ||  ((drc = mdb_get (txn, self->meta, &dk, &dv)) && drc != MDB_NOTFOUND)) {
-        *why = mdb_strerror (frc && frc != MDB_NOTFOUND ? frc : drc);
+    int frc = mdb_get (txn, self->meta, &fk, &fv);
+    int drc = mdb_get (txn, self->meta, &dk, &dv);
+    int rc = frc && frc != MDB_NOTFOUND ? frc : drc && drc != MDB_NOTFOUND ? drc : 0;
+    if (rc) {
+        *why = mdb_strerror (rc);
         return TLY_EIO;
     }
     *format = 0;
@@ -601,6 +602,17 @@ tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32])
     return txn_node (self->store, self->txn, level, index, out);
 }
 
+/*  The u64 key a cursor stands on after a get that returned rc; UINT64_MAX
+    at the end (or on a key of another size, which no walk can match). */
+static uint64_t
+at_key (int rc, const MDB_val *k)
+{
+    uint64_t key = UINT64_MAX;
+    if (rc == 0 && k->mv_size == 8)
+        memcpy (&key, k->mv_data, 8);
+    return key;
+}
+
 /*  Nodes are keyed in the order they were completed (node_key), so one
     cursor walks them along with the leaves: leaf m completes the nodes of
     levels 1 up to its count of trailing one bits, keys 2m - popcount (m)
@@ -624,41 +636,31 @@ tly_reader_tree_walk (tly_reader *self, uint64_t from, uint64_t until, size_t co
     int erc = mdb_cursor_get (ec, &k, &v, MDB_SET_RANGE);
     int nrc = mdb_cursor_get (nc, &nk, &nv, MDB_SET_RANGE);
     int err = TLY_OK;
-    for (uint64_t m = from; m < until && m - from < count; m++) {
-        uint64_t key = UINT64_MAX;
-        if ((erc && erc != MDB_NOTFOUND) || (nrc && nrc != MDB_NOTFOUND)) {
+#define LMDB_FAILED(rc) ((rc) && (rc) != MDB_NOTFOUND)
+    for (uint64_t m = from; !err && m < until && m - from < count; m++) {
+        if (LMDB_FAILED (erc) || LMDB_FAILED (nrc)) {
             err = TLY_EIO;
             break;
         }
-        if (erc == 0 && k.mv_size == 8)
-            memcpy (&key, k.mv_data, 8);
-        bool have = key == m;
+        bool have = at_key (erc, &k) == m;
         if ((err = leaf_fn (ctx, m, have ? v.mv_data : NULL, have ? v.mv_size : 0)))
             break;
         if (have)
             erc = mdb_cursor_get (ec, &k, &v, MDB_NEXT);
         for (unsigned level = 1; !err && level < 64 && (m >> (level - 1)) & 1; level++) {
             uint64_t want = node_key (level, m >> level);
-            key = UINT64_MAX;
-            while (nrc == 0 && nk.mv_size == 8) {
-                memcpy (&key, nk.mv_data, 8);
-                if (key >= want)
-                    break;
-                nrc = mdb_cursor_get (nc, &nk, &nv, MDB_NEXT);  /* a key no node has */
-                key = UINT64_MAX;
-            }
-            if (nrc && nrc != MDB_NOTFOUND)
-                err = TLY_EIO;
-            if (!err)
-                err = node_fn (ctx, level, m >> level,
-                               key == want && nv.mv_size == 32 ? nv.mv_data : NULL);
-            if (!err && key == want)
+            while (at_key (nrc, &nk) < want)            /* a key no node has */
+                nrc = mdb_cursor_get (nc, &nk, &nv, MDB_NEXT);
+            bool there = at_key (nrc, &nk) == want;
+            err = LMDB_FAILED (nrc) ? TLY_EIO
+                : node_fn (ctx, level, m >> level, there && nv.mv_size == 32 ? nv.mv_data : NULL);
+            if (!err && there)
                 nrc = mdb_cursor_get (nc, &nk, &nv, MDB_NEXT);
         }
-        if (err)
-            break;
-        *next = m + 1;
+        if (!err)
+            *next = m + 1;
     }
+#undef LMDB_FAILED
     mdb_cursor_close (nc);
     mdb_cursor_close (ec);
     return err;
