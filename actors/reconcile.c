@@ -10,7 +10,8 @@
          start of the scrubber (every pass hashes the bytes again, so a
          leaf that decoded well still does);
       3. dedup: each idempotency record names an entry whose (customer, key)
-         hashes to the record's key, and each run's Bloom filter says
+         hashes to the record's key (the records of a slice are read in
+         key order and checked in seq order), and each run's Bloom filter says
          "maybe" for every key of the run (the runs' counts must add up to
          the entries they cover; the newest keys, L0, are not stored but
          derived from the entries, which steps 1 and 2 cover);
@@ -48,10 +49,18 @@
 #include "tally/log.h"
 #include "tally/merkle.h"
 #include "tally/msg.h"
+#include "tally/sort.h"
 
 #define WHO "reconcile"
 #define TICK_MS 100
-#define FAST_SLICE 20000
+#define FAST_SLICE 100000
+/*  Dedup records checked per batch, sorted by the entry they name: in key
+    order they name entries all over the log, a B-tree descent into cold
+    pages each (1.35 us a read at 21M entries); in seq order neighbours
+    share the upper pages (0.54 us with batches of 256K).  A `verify` pass
+    over 21M entries: 38 s before, 27-28 s.  24 bytes a record, twice (the
+    sort's second buffer): 12 MiB. */
+#define DEDUP_BATCH 262144
 #define HEADS_FULL 64               /* check_sth_one; env TALLY_HEADS_FULL */
 #define HEADS_FULL_MAX 1000000
 
@@ -64,6 +73,11 @@ typedef struct {
     uint64_t duration_ms;           /* how long the pass took */
     char error[256];
 } result_t;
+
+typedef struct {
+    uint64_t seq;                   /* first: tly_sort_u64 sorts by it */
+    uint8_t key[TLY_DEDUP_LEN];
+} dedup_rec;
 
 typedef struct {
     tly_child_ctx *ctx;
@@ -81,6 +95,8 @@ typedef struct {
     uint64_t decoded;               /* entries [0, decoded) decoded well once */
     uint8_t dedup_last[TLY_DEDUP_POS_LEN];
     bool dedup_started;
+    dedup_rec *batch, *tmp;         /* DEDUP_BATCH each, from the first dedup phase */
+    size_t nbatch;
     uint64_t checked;
     int64_t started;                /* when this pass began (mono ms) */
     bool slow_warned;
@@ -204,33 +220,59 @@ check_tree (recon_t *self, size_t budget)
 }
 
 static int
-check_dedup_one (void *arg, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq)
+check_dedup_one (recon_t *self, const dedup_rec *r)
 {
-    recon_t *self = arg;
     const uint8_t *leaf;
     size_t len;
     tly_entry e;
     uint8_t h[TLY_DEDUP_LEN];
-    if (tly_reader_leaf (self->reader, seq, &leaf, &len) || tly_leaf_decode (leaf, len, &e, NULL)) {
+    if (tly_reader_leaf (self->reader, r->seq, &leaf, &len)
+    ||  tly_leaf_decode (leaf, len, &e, NULL)) {
         fail (self, "idempotency record names entry %llu, which cannot be read",
-              (unsigned long long) seq);
+              (unsigned long long) r->seq);
         return TLY_ECORRUPT;
     }
     tly_store_dedup_hash (self->env->store, &e.ev.customer, &e.ev.key, h);
-    if (memcmp (h, dedup, TLY_DEDUP_LEN)) {
+    if (memcmp (h, r->key, TLY_DEDUP_LEN)) {
         fail (self, "idempotency record for entry %llu does not match its (customer, key)",
-              (unsigned long long) seq);
+              (unsigned long long) r->seq);
         return TLY_ECORRUPT;
     }
+    return TLY_OK;
+}
+
+static int
+collect_one (void *arg, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq)
+{
+    recon_t *self = arg;
+    assert (self->nbatch < DEDUP_BATCH);    /* the scan was asked for no more */
+    dedup_rec *r = &self->batch[self->nbatch++];
+    r->seq = seq;
+    memcpy (r->key, dedup, TLY_DEDUP_LEN);
     return TLY_OK;
 }
 
 static size_t
 check_dedup (recon_t *self, size_t budget)
 {
+    if (!self->batch) {
+        self->batch = malloc (DEDUP_BATCH * sizeof *self->batch);
+        self->tmp = malloc (DEDUP_BATCH * sizeof *self->tmp);
+        if (!self->batch || !self->tmp) {
+            free (self->batch);
+            free (self->tmp);
+            self->batch = self->tmp = NULL;
+            fail (self, "out of memory for the idempotency index check (%zu MiB)",
+                  2 * DEDUP_BATCH * sizeof (dedup_rec) >> 20);
+            return 1;
+        }
+    }
+    if (budget > DEDUP_BATCH)
+        budget = DEDUP_BATCH;
     bool done = false;
+    self->nbatch = 0;
     int rc = tly_reader_dedup_scan (self->reader, self->dedup_started ? self->dedup_last : NULL,
-                                    budget, check_dedup_one, self, self->dedup_last, &done);
+                                    budget, collect_one, self, self->dedup_last, &done);
     self->dedup_started = true;
     if (rc == TLY_ECORRUPT && !self->error[0])
         fail (self, "the idempotency index is corrupt: a malformed record, or a run whose "
@@ -238,6 +280,10 @@ check_dedup (recon_t *self, size_t budget)
     else
     if (rc && !self->error[0])
         fail (self, "the idempotency index cannot be read (%s)", tly_strerror (rc));
+    if (!self->error[0])
+        tly_sort_u64 (self->batch, self->tmp, self->nbatch, sizeof *self->batch);
+    for (size_t i = 0; i < self->nbatch && !self->error[0]; i++)
+        check_dedup_one (self, &self->batch[i]);
     if (done) {
         self->phase = PH_STHS;
         self->pos = 0;
@@ -504,5 +550,7 @@ tly_reconcile_actor (tly_child_ctx *ctx, void *args)
     zmsg_destroy (&self.verify_call);
     zpoller_destroy (&poller);
     tly_reader_destroy (&self.reader);
+    free (self.batch);
+    free (self.tmp);
     return 0;
 }
