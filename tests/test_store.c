@@ -772,21 +772,70 @@ set_meta (fixture *f, const char *name, const char *value)
     mdb_env_close (env);
 }
 
-/*  The ledger's format digit. */
-static char
-format_now (fixture *f)
+/*  Meta's entry name in the ledger in f->dir, which must be size bytes. */
+static void
+get_meta (fixture *f, const char *name, void *out, size_t size)
 {
     MDB_env *env;
     MDB_txn *txn;
     MDB_dbi meta;
-    MDB_val k = { 6, "format" }, v;
+    MDB_val k = { strlen (name), (void *) name }, v;
     raw_ledger_begin (f, 1 << 26, &env, &txn);
     assert_int_equal (mdb_dbi_open (txn, "meta", 0, &meta), 0);
     assert_int_equal (mdb_get (txn, meta, &k, &v), 0);
-    assert_int_equal (v.mv_size, 1);
-    char digit = *(const char *) v.mv_data;
+    assert_int_equal (v.mv_size, size);
+    memcpy (out, v.mv_data, size);
     mdb_txn_abort (txn);
     mdb_env_close (env);
+}
+
+/*  The dedup key of a pair is BLAKE2b-128 keyed with meta/dedup_key of
+    (customer length, 4 bytes big-endian) || customer || key: the index
+    of every ledger already written holds these bytes, so the formula must
+    never change.  Pairs at the protocol's limits and beyond them (another
+    code path). */
+static void
+test_dedup_hash_formula (void **state)
+{
+    fixture *f = *state;
+    const char *why = NULL;
+    tly_store *s;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+    tly_store_close (&s);
+    uint8_t key[32];
+    get_meta (f, "dedup_key", key, sizeof key);
+
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
+    static const uint32_t lens[][2] = { { 0, 0 }, { 1, 3 }, { 8, 36 }, { 60, 60 },
+                                        { TLY_CUSTOMER_MAX, TLY_KEY_MAX },
+                                        { TLY_CUSTOMER_MAX + 1, 2 }, { 5, TLY_KEY_MAX + 1 },
+                                        { 300, 700 } };
+    char text[1000];
+    for (size_t i = 0; i < sizeof text; i++)
+        text[i] = (char) ('a' + i % 26);
+    for (size_t i = 0; i < sizeof lens / sizeof *lens; i++) {
+        tly_str c = { text, lens[i][0] }, kk = { text + 1, lens[i][1] };
+        uint8_t msg[4 + 1000], want[TLY_DEDUP_LEN], got[TLY_DEDUP_LEN];
+        msg[0] = (uint8_t) (c.len >> 24);
+        msg[1] = (uint8_t) (c.len >> 16);
+        msg[2] = (uint8_t) (c.len >> 8);
+        msg[3] = (uint8_t) c.len;
+        memcpy (msg + 4, c.ptr, c.len);
+        memcpy (msg + 4 + c.len, kk.ptr, kk.len);
+        assert_int_equal (crypto_generichash (want, sizeof want, msg, 4 + c.len + kk.len,
+                                              key, sizeof key), 0);
+        tly_store_dedup_hash (s, &c, &kk, got);
+        assert_memory_equal (got, want, sizeof want);
+    }
+    tly_store_close (&s);
+}
+
+/*  The ledger's format digit. */
+static char
+format_now (fixture *f)
+{
+    char digit;
+    get_meta (f, "format", &digit, 1);
     return digit;
 }
 
@@ -1113,6 +1162,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_append_commit_read, setup, teardown),
         cmocka_unit_test_setup_teardown (test_empty_store, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_lsm, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_hash_formula, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_abort_merge, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_restart_mid_merge, setup, teardown),
         cmocka_unit_test_setup_teardown (test_migrate_format_5, setup, teardown),
