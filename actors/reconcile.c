@@ -57,10 +57,13 @@
 /*  Dedup records checked per batch, sorted by the entry they name: in key
     order they name entries all over the log, a B-tree descent into cold
     pages each (1.35 us a read at 21M entries); in seq order neighbours
-    share the upper pages (0.54 us with batches of 256K).  A `verify` pass
-    over 21M entries: 38 s before, 27-28 s.  24 bytes a record, twice (the
-    sort's second buffer): 12 MiB. */
-#define DEDUP_BATCH 262144
+    share the upper pages (0.67 us with batches of 64K, 0.54 with 256K).
+    A batch is also at most one slice's budget (a `verify` slice: 100K).
+    A `verify` pass over 21M entries: 38 s before, 27-28 s.  24 bytes a
+    record, twice (the sort's second buffer): 6 MiB; without that memory,
+    batches of DEDUP_SMALL in recon_t itself. */
+#define DEDUP_BATCH 131072
+#define DEDUP_SMALL 512
 #define HEADS_FULL 64               /* check_sth_one; env TALLY_HEADS_FULL */
 #define HEADS_FULL_MAX 1000000
 
@@ -95,8 +98,9 @@ typedef struct {
     uint64_t decoded;               /* entries [0, decoded) decoded well once */
     uint8_t dedup_last[TLY_DEDUP_POS_LEN];
     bool dedup_started;
-    dedup_rec *batch, *tmp;         /* DEDUP_BATCH each, from the first dedup phase */
-    size_t nbatch;
+    dedup_rec *batch, *tmp;         /* batch_cap each, from the first dedup phase */
+    size_t nbatch, batch_cap;
+    dedup_rec small[2][DEDUP_SMALL];
     uint64_t checked;
     int64_t started;                /* when this pass began (mono ms) */
     bool slow_warned;
@@ -245,7 +249,7 @@ static int
 collect_one (void *arg, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t seq)
 {
     recon_t *self = arg;
-    assert (self->nbatch < DEDUP_BATCH);    /* the scan was asked for no more */
+    assert (self->nbatch < self->batch_cap);    /* the scan was asked for no more */
     dedup_rec *r = &self->batch[self->nbatch++];
     r->seq = seq;
     memcpy (r->key, dedup, TLY_DEDUP_LEN);
@@ -258,17 +262,20 @@ check_dedup (recon_t *self, size_t budget)
     if (!self->batch) {
         self->batch = malloc (DEDUP_BATCH * sizeof *self->batch);
         self->tmp = malloc (DEDUP_BATCH * sizeof *self->tmp);
+        self->batch_cap = DEDUP_BATCH;
         if (!self->batch || !self->tmp) {
             free (self->batch);
             free (self->tmp);
-            self->batch = self->tmp = NULL;
-            fail (self, "out of memory for the idempotency index check (%zu MiB)",
-                  2 * DEDUP_BATCH * sizeof (dedup_rec) >> 20);
-            return 1;
+            tly_warn (WHO, "no memory for the idempotency index check's batches (%zu MiB): "
+                           "it checks %d records at a time, more slowly",
+                      2 * DEDUP_BATCH * sizeof (dedup_rec) >> 20, DEDUP_SMALL);
+            self->batch = self->small[0];
+            self->tmp = self->small[1];
+            self->batch_cap = DEDUP_SMALL;
         }
     }
-    if (budget > DEDUP_BATCH)
-        budget = DEDUP_BATCH;
+    if (budget > self->batch_cap)
+        budget = self->batch_cap;
     bool done = false;
     self->nbatch = 0;
     int rc = tly_reader_dedup_scan (self->reader, self->dedup_started ? self->dedup_last : NULL,
@@ -550,7 +557,9 @@ tly_reconcile_actor (tly_child_ctx *ctx, void *args)
     zmsg_destroy (&self.verify_call);
     zpoller_destroy (&poller);
     tly_reader_destroy (&self.reader);
-    free (self.batch);
-    free (self.tmp);
+    if (self.batch != self.small[0]) {
+        free (self.batch);
+        free (self.tmp);
+    }
     return 0;
 }

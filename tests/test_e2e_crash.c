@@ -711,6 +711,70 @@ test_truncated_live (void **state)
 //  must not carry on as if nothing happened.  Either it refuses to start
 //  (non-zero exit, an ERROR in the log), or it starts and reports the
 //  corruption -- and never serves a head that does not verify.
+//  In the first run of the idempotency index that holds a block of two
+//  or more records, swaps the seqs of its first two records: the block
+//  stays well-formed (same keys, same order, its Bloom filter agrees),
+//  but each record now names the other's entry.  False if no run has one.
+static bool
+swap_dedup_seqs (e2e_server *srv)
+{
+    char env_dir[300];
+    snprintf (env_dir, sizeof env_dir, "%s/ledger", srv->dir);
+    MDB_env *env;
+    MDB_txn *txn;
+    assert_int_equal (mdb_env_create (&env), 0);
+    assert_int_equal (mdb_env_set_maxdbs (env, 300), 0);
+    assert_int_equal (mdb_env_set_mapsize (env, (size_t) 1 << 30), 0);
+    assert_int_equal (mdb_env_open (env, env_dir, 0, 0644), 0);
+    assert_int_equal (mdb_txn_begin (env, NULL, 0, &txn), 0);
+    bool swapped = false;
+    for (int slot = 0; slot < 256 && !swapped; slot++) {
+        char name[16];
+        snprintf (name, sizeof name, "run.%d", slot);
+        MDB_dbi dbi;
+        MDB_cursor *cur;
+        MDB_val k, v;
+        if (mdb_dbi_open (txn, name, 0, &dbi) || mdb_cursor_open (txn, dbi, &cur))
+            continue;
+        for (int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST); rc == 0 && !swapped;
+             rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT)) {
+            if (v.mv_size < 48 || v.mv_size % 24)
+                continue;               //  one record, or not a block
+            uint8_t block[24 * 80];
+            assert_true (v.mv_size <= sizeof block);
+            memcpy (block, v.mv_data, v.mv_size);
+            uint8_t seq[8];
+            memcpy (seq, block + 16, 8);
+            memcpy (block + 16, block + 24 + 16, 8);
+            memcpy (block + 24 + 16, seq, 8);
+            MDB_val nv = { v.mv_size, block };
+            assert_int_equal (mdb_cursor_put (cur, &k, &nv, MDB_CURRENT), 0);
+            swapped = true;
+        }
+        mdb_cursor_close (cur);
+    }
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    mdb_env_close (env);
+    return swapped;
+}
+
+//  Idempotency records that name the wrong entries are found.
+static void
+test_corrupt_dedup_record (void **state)
+{
+    (void) state;
+    setenv ("TALLY_L0_MAX", "16", 1);           //  runs from the first events
+    e2e_server *srv = live_clean ("dedup-cust", 200);
+    assert_int_equal (e2e_server_stop (srv), 0);
+    assert_true (swap_dedup_seqs (srv));
+    srv->verify_interval = 1;
+    assert_int_equal (e2e_server_start (srv), TLY_OK);
+    unsetenv ("TALLY_L0_MAX");
+    expect_detected (srv);
+    assert_int_equal (e2e_server_destroy (&srv), 0);
+    e2e_pass ();
+}
+
 static void
 test_corrupt_head_at_rest (void **state)
 {
@@ -884,6 +948,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_corruption_live, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corruption_node_live, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_truncated_live, e2e_setup, e2e_teardown),
+        cmocka_unit_test_setup_teardown (test_corrupt_dedup_record, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corrupt_head_at_rest, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corrupt_old_head_seal, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_corrupt_old_head_resealed, e2e_setup, e2e_teardown),
