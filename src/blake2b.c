@@ -94,21 +94,36 @@ tly_blake2b_key_init (tly_blake2b_key *k, const uint8_t *key, size_t keylen, siz
 }
 
 void
-tly_blake2b_keyed (const tly_blake2b_key *k, const uint8_t *msg, size_t len, uint8_t *out)
+tly_blake2b_keyed (const tly_blake2b_key *k, const tly_blake2b_part *parts, size_t nparts,
+                   uint8_t *out)
 {
-    uint64_t h[8];
-    if (len == 0) {                 /* the key's block is the last */
+    uint64_t h[8], t = 128;
+    uint8_t block[128];
+    size_t fill = 0;
+    memcpy (h, k->h, sizeof h);
+    for (size_t i = 0; i < nparts; i++) {
+        const uint8_t *p = parts[i].ptr;
+        for (size_t len = parts[i].len; len > 0;) {
+            /*  A full block is compressed only once more bytes follow:
+                the last one is compressed as the last. */
+            if (fill == 128) {
+                compress (h, block, t += 128, 0);
+                fill = 0;
+            }
+            size_t take = len < 128 - fill ? len : 128 - fill;
+            memcpy (block + fill, p, take);
+            fill += take;
+            p += take;
+            len -= take;
+        }
+    }
+    if (t == 128 && fill == 0) {    /* an empty message: the key's block is the last */
         memcpy (h, k->h0, sizeof h);
         compress (h, k->block, 128, 1);
     }
     else {
-        memcpy (h, k->h, sizeof h);
-        uint64_t t = 128;
-        for (; len > 128; msg += 128, len -= 128)
-            compress (h, msg, t += 128, 0);
-        uint8_t last[128] = { 0 };
-        memcpy (last, msg, len);
-        compress (h, last, t + len, 1);
+        memset (block + fill, 0, 128 - fill);
+        compress (h, block, t + fill, 1);
     }
     uint8_t bytes[64];
     for (int i = 0; i < 8; i++)

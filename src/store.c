@@ -364,21 +364,9 @@ tly_store_dedup_hash (tly_store *self, const tly_str *customer, const tly_str *k
     /*  The length prefix keeps ("ab","c") apart from ("a","bc"). */
     uint8_t len[4] = { (uint8_t) (customer->len >> 24), (uint8_t) (customer->len >> 16),
                        (uint8_t) (customer->len >> 8), (uint8_t) customer->len };
-    uint8_t msg[4 + TLY_CUSTOMER_MAX + TLY_KEY_MAX];
-    if (customer->len <= TLY_CUSTOMER_MAX && key->len <= TLY_KEY_MAX) {
-        memcpy (msg, len, 4);
-        memcpy (msg + 4, customer->ptr, customer->len);
-        memcpy (msg + 4 + customer->len, key->ptr, key->len);
-        tly_blake2b_keyed (&self->dedup_b2, msg, 4 + customer->len + key->len, out);
-        return;
-    }
-    /*  Longer than the protocol allows: the same bytes, from libsodium. */
-    crypto_generichash_state st;
-    crypto_generichash_init (&st, self->dedup_key, sizeof self->dedup_key, TLY_DEDUP_LEN);
-    crypto_generichash_update (&st, len, 4);
-    crypto_generichash_update (&st, (const uint8_t *) customer->ptr, customer->len);
-    crypto_generichash_update (&st, (const uint8_t *) key->ptr, key->len);
-    crypto_generichash_final (&st, out, TLY_DEDUP_LEN);
+    tly_blake2b_part parts[3] = { { len, 4 }, { customer->ptr, customer->len },
+                                  { key->ptr, key->len } };
+    tly_blake2b_keyed (&self->dedup_b2, parts, 3, out);
 }
 
 /* ---- shared by readers and the writer: reads inside any txn ---- */

@@ -1,8 +1,9 @@
 /*  test_blake2b.c -- tly_blake2b_keyed gives libsodium's crypto_generichash
-    bytes, for every message length from 0 to 400 (0, 1, 128 and 256 are
-    the edges: the key's block as the last, a block exactly full), every
-    key size and output size that the hash allows at its ends and in
-    between, and keys and messages of random bytes. */
+    bytes, for messages whole or in parts, of every length from 0 to 400
+    (0, 1, 128 and 256 are the edges: the key's block as the last, a
+    block exactly full), every key size and output size that the hash
+    allows at its ends and in between, and keys and messages of random
+    bytes. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -31,7 +32,7 @@ test_blake2b_matches_libsodium (void **state)
                 assert_int_equal (crypto_generichash (want, outlens[b], msg, len, key,
                                                       keylens[a]), 0);
                 memset (got, 0xee, sizeof got);
-                tly_blake2b_keyed (&k, msg, len, got);
+                tly_blake2b_keyed (&k, &(tly_blake2b_part) { msg, len }, 1, got);
                 assert_memory_equal (got, want, outlens[b]);
                 assert_int_equal (got[outlens[b] < 64 ? outlens[b] : 63],
                                   outlens[b] < 64 ? 0xee : want[63]);   /* no more written */
@@ -49,15 +50,45 @@ test_blake2b_key_reused (void **state)
     randombytes_buf (msg, sizeof msg);
     tly_blake2b_key k;
     tly_blake2b_key_init (&k, key, sizeof key, 16);
-    tly_blake2b_keyed (&k, msg, sizeof msg, first);
+    tly_blake2b_part whole = { msg, sizeof msg };
+    tly_blake2b_keyed (&k, &whole, 1, first);
     for (int i = 0; i < 100; i++) {
         uint8_t other[16];
-        tly_blake2b_keyed (&k, msg, (size_t) i, other);
+        tly_blake2b_keyed (&k, &(tly_blake2b_part) { msg, (size_t) i }, 1, other);
     }
-    tly_blake2b_keyed (&k, msg, sizeof msg, again);
+    tly_blake2b_keyed (&k, &whole, 1, again);
     assert_memory_equal (first, again, 16);
     assert_int_equal (crypto_generichash (want, 16, msg, sizeof msg, key, sizeof key), 0);
     assert_memory_equal (first, want, 16);
+}
+
+/*  A message in parts hashes as the whole: split in three at every pair
+    of points (empty parts included) of messages around the block edges. */
+static void
+test_blake2b_parts (void **state)
+{
+    (void) state;
+    uint8_t key[32], msg[300];
+    randombytes_buf (key, sizeof key);
+    randombytes_buf (msg, sizeof msg);
+    tly_blake2b_key k;
+    tly_blake2b_key_init (&k, key, sizeof key, 16);
+    static const size_t lens[] = { 0, 1, 127, 128, 129, 256, 257, 300 };
+    for (size_t l = 0; l < sizeof lens / sizeof *lens; l++) {
+        size_t len = lens[l];
+        uint8_t want[16], got[16];
+        assert_int_equal (crypto_generichash (want, 16, msg, len, key, sizeof key), 0);
+        for (size_t a = 0; a <= len; a++)
+            for (size_t b = a; b <= len; b += 7) {
+                tly_blake2b_part parts[3] = { { msg, a }, { msg + a, b - a },
+                                              { msg + b, len - b } };
+                tly_blake2b_keyed (&k, parts, 3, got);
+                assert_memory_equal (got, want, 16);
+            }
+        tly_blake2b_keyed (&k, NULL, 0, got);       /* no parts: the empty message */
+        assert_int_equal (crypto_generichash (want, 16, msg, 0, key, sizeof key), 0);
+        assert_memory_equal (got, want, 16);
+    }
 }
 
 int
@@ -66,6 +97,7 @@ main (void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test (test_blake2b_matches_libsodium),
         cmocka_unit_test (test_blake2b_key_reused),
+        cmocka_unit_test (test_blake2b_parts),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);
 }

@@ -792,8 +792,7 @@ get_meta (fixture *f, const char *name, void *out, size_t size)
 /*  The dedup key of a pair is BLAKE2b-128 keyed with meta/dedup_key of
     (customer length, 4 bytes big-endian) || customer || key: the index
     of every ledger already written holds these bytes, so the formula must
-    never change.  Pairs at the protocol's limits and beyond them (another
-    code path). */
+    never change.  Pairs at the protocol's limits and beyond them. */
 static void
 test_dedup_hash_formula (void **state)
 {
@@ -839,6 +838,20 @@ format_now (fixture *f)
     return digit;
 }
 
+/*  Opening the store in f->dir fails with err, and why names `needle`. */
+static void
+expect_refused (fixture *f, int err, const char *needle)
+{
+    tly_store *s = NULL;
+    const char *why = NULL;
+    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), err);
+    assert_null (s);
+    assert_non_null (why);
+    if (!strstr (why, needle))
+        fprintf (stderr, "refused, but why does not name \"%s\": %s\n", needle, why);
+    assert_non_null (strstr (why, needle));
+}
+
 /*  Format-6 to -8 ledgers open as format 9 (they only lack build records,
     sealed heads and runs in blocks); a format-1 ledger (single-table dedup
     index) and one of a format from a newer tallyd are refused, clearly. */
@@ -865,32 +878,20 @@ test_format_6_to_8_and_10 (void **state)
         { "1000", TLY_ECORRUPT } };
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
         set_meta (f, "format", refused[i].format);
-        why = NULL;
-        assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), refused[i].err);
-        assert_non_null (why);
-        assert_non_null (strstr (why, "format"));
+        expect_refused (f, refused[i].err, "format");
     }
     /*  A ledger with a format but no dedup key is not a new one, and the
         message names what is wrong: the key, or the format when that is
         malformed too. */
     set_meta (f, "format", "9");
     set_meta (f, "dedup_key", NULL);
-    why = NULL;
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
-    assert_non_null (why);
-    assert_non_null (strstr (why, "meta/dedup_key is missing"));
+    expect_refused (f, TLY_ECORRUPT, "meta/dedup_key is missing");
     assert_int_equal (format_now (f), '9');         /* left as it was */
     set_meta (f, "format", "x");
-    why = NULL;
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
-    assert_non_null (why);
-    assert_non_null (strstr (why, "meta/format is malformed"));
+    expect_refused (f, TLY_ECORRUPT, "meta/format is malformed");
     /*  A newer tallyd's format without the key: newer, not corrupt. */
     set_meta (f, "format", "10");
-    why = NULL;
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_EINVAL);
-    assert_non_null (why);
-    assert_non_null (strstr (why, "newer"));
+    expect_refused (f, TLY_EINVAL, "newer");
 }
 
 /*  A dedup key without a format is refused too, not taken as new. */
@@ -903,10 +904,7 @@ test_format_missing (void **state)
     assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_OK);
     tly_store_close (&s);
     set_meta (f, "format", NULL);
-    why = NULL;
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
-    assert_non_null (why);
-    assert_non_null (strstr (why, "meta/format is missing"));
+    expect_refused (f, TLY_ECORRUPT, "meta/format is missing");
 }
 
 /*  A ledger without format and dedup key is a new one only while it has
@@ -932,10 +930,7 @@ test_meta_lost_with_entries (void **state)
     assert_int_equal (format_now (f), '9');
     set_meta (f, "format", NULL);
     set_meta (f, "dedup_key", NULL);
-    why = NULL;
-    assert_int_equal (tly_store_open (f->dir, 1 << 26, &s, &why), TLY_ECORRUPT);
-    assert_non_null (why);
-    assert_non_null (strstr (why, "entries"));
+    expect_refused (f, TLY_ECORRUPT, "entries");
 }
 
 /*  What a tree walk passed: leaves as (0, seq), nodes as (level, index),
