@@ -269,6 +269,17 @@ build_record (fixture *f, unsigned tier, uint32_t *slot)
     return size;
 }
 
+/*  Whether a merge (a build of tier 1 or above) is under way. */
+static bool
+merge_under_way_now (fixture *f)
+{
+    uint32_t slot;
+    for (unsigned j = 1; j < DX_TIERS; j++)
+        if (build_record (f, j, &slot))
+            return true;
+    return false;
+}
+
 /*  Rewrites the records of builds under way as format 8 wrote them
     (version 1, no block size: one record per key); how many. */
 static int
@@ -332,7 +343,10 @@ model (fixture *f, uint64_t legacy_until)
             resumed_v1 += v1_slot[j] < DX_SLOTS && size == 48 && slot == v1_slot[j];
         }
         check_v1 = false;
-        bool upgrade = f->t.legacy_layout && f->n >= legacy_until;
+        /*  At a moment a merge is under way, for it to go on in its own
+            layout (a fixed count of keys found one only as long as the
+            merges' pacing stayed as it was). */
+        bool upgrade = f->t.legacy_layout && f->n >= legacy_until && merge_under_way_now (f);
         if (upgrade) {              /* as a format-8 ledger opened by this tallyd */
             f->t.legacy_layout = false;
             builds_v1 += records_to_v1 (f);
