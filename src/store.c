@@ -597,6 +597,18 @@ tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *in_runs, uint6
 }
 
 int
+tly_reader_dedup_tiers (tly_reader *self, uint32_t *tiers, size_t n)
+{
+    int rc = reader_view (self);
+    if (rc || n == 0)
+        return rc;
+    memset (tiers, 0, n * sizeof *tiers);
+    for (size_t i = 0; i < self->view.n; i++)
+        tiers[self->view.runs[i].tier < n ? self->view.runs[i].tier : n - 1]++;
+    return TLY_OK;
+}
+
+int
 tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32])
 {
     tly_reader *self = reader;

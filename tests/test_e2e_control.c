@@ -433,6 +433,12 @@ test_children_and_status (void **state)
     assert_true (e2e_uint (&fx.r.body, "period", &v));
     assert_int_equal (e2e_len (&fx.r.body, "children"), 4);
     assert_true (e2e_uint (&fx.r.body, "tree_size", &v) && v == 10);
+    //  10 keys, fewer than L0 holds: no run yet, every key in L0.
+    uint64_t in_runs = 1, in_l0 = 0;
+    assert_true (e2e_uint (&fx.r.body, "index.runs", &v) && v == 0);
+    assert_int_equal (e2e_len (&fx.r.body, "index.tiers"), 0);
+    assert_true (e2e_uint (&fx.r.body, "index.in_runs", &in_runs) && in_runs == 0);
+    assert_true (e2e_uint (&fx.r.body, "index.in_l0", &in_l0) && in_l0 == 10);
     assert_true (e2e_uint (&fx.r.body, "uptime", &v));
     assert_true (e2e_bool (&fx.r.body, "verification.ok", &ok) && ok);
     uint64_t at2 = 0;

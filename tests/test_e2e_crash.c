@@ -758,6 +758,37 @@ swap_dedup_seqs (e2e_server *srv)
     return swapped;
 }
 
+//  Status shows the index: its runs, per tier, and the entries whose keys
+//  they hold, the rest in L0.
+static void
+expect_index_shape (e2e_server *srv)
+{
+    e2e_conn *ctl = e2e_conn_new (srv->control);
+    assert_non_null (ctl);
+    e2e_reply r;
+    e2e_reply_init (&r);
+    assert_int_equal (e2e_callf (ctl, &r, "{'op':'status'}"), TLY_OK);
+    E2E_OK (&r);
+    uint64_t size = 0, runs = 0, in_runs = 0, in_l0 = 0, sum = 0;
+    assert_true (e2e_uint (&r.body, "tree_size", &size));
+    assert_true (e2e_uint (&r.body, "index.runs", &runs) && runs > 0);
+    assert_true (e2e_uint (&r.body, "index.in_runs", &in_runs) && in_runs > 0);
+    assert_true (e2e_uint (&r.body, "index.in_l0", &in_l0));
+    assert_int_equal (in_runs + in_l0, size);
+    long tiers = e2e_len (&r.body, "index.tiers");
+    assert_true (tiers >= 1);
+    for (long i = 0; i < tiers; i++) {
+        char path[32];
+        uint64_t n = 0;
+        snprintf (path, sizeof path, "index.tiers.%ld", i);
+        assert_true (e2e_uint (&r.body, path, &n));
+        sum += n;
+    }
+    assert_int_equal (sum, runs);
+    e2e_reply_free (&r);
+    e2e_conn_destroy (&ctl);
+}
+
 //  Idempotency records that name the wrong entries are found.
 static void
 test_corrupt_dedup_record (void **state)
@@ -765,6 +796,7 @@ test_corrupt_dedup_record (void **state)
     (void) state;
     setenv ("TALLY_L0_MAX", "16", 1);           //  runs from the first events
     e2e_server *srv = live_clean ("dedup-cust", 200);
+    expect_index_shape (srv);
     assert_int_equal (e2e_server_stop (srv), 0);
     assert_true (swap_dedup_seqs (srv));
     srv->verify_interval = 1;

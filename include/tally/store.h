@@ -151,6 +151,11 @@ int tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uin
     status. */
 void tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *in_runs,
                              uint64_t *probes);
+/*  The live runs of the dedup index in each tier: tiers[0 .. n) (runs of
+    tiers n and above are counted in tiers[n - 1]).  A lookup of a new key
+    reads one Bloom filter block per live run.  TLY_OK, or an error
+    reading the index. */
+int tly_reader_dedup_tiers (tly_reader *self, uint32_t *tiers, size_t n);
 /*  A tly_node_fn: ctx is the reader. */
 int tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32]);
 /*  Signed head stored for exactly tree_size (TLY_ENOTFOUND if no commit
