@@ -769,6 +769,12 @@ tly_receipt_actor (tly_child_ctx *ctx, void *args)
         }
         quota_inbox (&self);
     }
+    /*  What the index holds only in memory, stored for the next start
+        (a crash loses it: lookups are slower until merges catch up). */
+    if (status == 0 && (rc = tly_writer_checkpoint (self.writer, env->sk, &why)))
+        tly_warn (WHO, "checkpoint at stop failed: %s (%s); nothing acknowledged is lost, "
+                       "lookups are slower after the next start until merges catch up",
+                  tly_strerror (rc), why);
     zpoller_destroy (&poller);
     receipt_free (&self);
     return status;

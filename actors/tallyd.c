@@ -327,7 +327,7 @@ pack_verification (control_t *c, msgpack_packer *pk)
 
 static void
 pack_index (msgpack_packer *pk, bool ok, uint64_t size, size_t runs, uint64_t in_runs,
-            const uint32_t tiers[STATUS_TIERS])
+            const uint32_t tiers[STATUS_TIERS], size_t groups, size_t lone)
 {
     if (!ok) {
         msgpack_pack_nil (pk);
@@ -336,7 +336,7 @@ pack_index (msgpack_packer *pk, bool ok, uint64_t size, size_t runs, uint64_t in
     size_t used = STATUS_TIERS;
     while (used > 0 && tiers[used - 1] == 0)
         used--;
-    msgpack_pack_map (pk, 4);
+    msgpack_pack_map (pk, 6);
     tly_pack_cstr (pk, "runs");
     msgpack_pack_uint64 (pk, runs);
     tly_pack_cstr (pk, "tiers");
@@ -347,6 +347,10 @@ pack_index (msgpack_packer *pk, bool ok, uint64_t size, size_t runs, uint64_t in
     msgpack_pack_uint64 (pk, in_runs);
     tly_pack_cstr (pk, "in_l0");
     msgpack_pack_uint64 (pk, size >= in_runs ? size - in_runs : 0);
+    tly_pack_cstr (pk, "groups");
+    msgpack_pack_uint64 (pk, groups);
+    tly_pack_cstr (pk, "lone");
+    msgpack_pack_uint64 (pk, lone);
 }
 
 static void
@@ -354,12 +358,13 @@ op_status (control_t *c, const msgpack_object *id)
 {
     ask_reconcile (c, "status", 2000);
     uint64_t size = 0, in_runs = 0, probes;
-    size_t runs = 0;
+    size_t runs = 0, groups = 0, lone = 0;
     uint32_t tiers[STATUS_TIERS] = { 0 };
     bool index = false;
     if (tly_reader_begin (c->reader) == 0) {
         size = tly_reader_size (c->reader);
-        index = tly_reader_dedup_tiers (c->reader, tiers, STATUS_TIERS) == TLY_OK;
+        index = tly_reader_dedup_tiers (c->reader, tiers, STATUS_TIERS) == TLY_OK
+             && tly_reader_dedup_groups (c->reader, &groups, &lone) == TLY_OK;
         tly_reader_dedup_stats (c->reader, &runs, &in_runs, &probes);
         tly_reader_end (c->reader);
     }
@@ -384,7 +389,7 @@ op_status (control_t *c, const msgpack_object *id)
     tly_pack_cstr (&pk, "verification");
     pack_verification (c, &pk);
     tly_pack_cstr (&pk, "index");
-    pack_index (&pk, index, size, runs, in_runs, tiers);
+    pack_index (&pk, index, size, runs, in_runs, tiers, groups, lone);
 }
 
 static void

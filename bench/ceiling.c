@@ -352,6 +352,9 @@ main (int argc, char **argv)
         c.res.server_rss_anon_peak_kb = p.rss_anon_kb;
     }
     c.res.tree_after = tly_writer_next_seq (c.writer);
+    /*  As tallyd does when it stops: the data dir is a big log S4-S6 start on. */
+    if (tly_writer_checkpoint (c.writer, c.sk, &why))
+        die ("checkpoint failed", why);
     c.res.data_bytes = bc_file_size (tly_store_data_path (c.store));
     bool clean = c.res.unexpected == 0 && c.res.conflict == 0
               && c.res.duplicate == c.res.dups_sent

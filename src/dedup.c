@@ -36,6 +36,13 @@
 #define RUN_TIER_MASK   0xffffu
 #define RUN_PACKED      (1u << 16)  /* blocks of records; else one record per key */
 #define STATE_VERSION   3
+/*  A group record: version, tier, nblocks, members named (u32 each), the
+    member ids (u32 * DX_GROUP_MAX), keys in its members and the keys it
+    was sized for (u64 each), host order; then the filter's blocks. */
+#define GROUP_HDR       64
+#define GROUP_VERSION   1
+_Static_assert (GROUP_HDR == 16 + 4 * DX_GROUP_MAX + 16, "group header layout");
+_Static_assert (DX_GROUP_MAX == 8, "a group is what one merge takes (MERGE_FANIN)");
 
 static const MDB_val STATE_KEY = { 11, "dedup.state" };
 
@@ -167,11 +174,9 @@ bloom_add (uint8_t *bits, uint32_t nblocks, const uint8_t key[TLY_DEDUP_LEN])
 }
 
 static bool
-bloom_maybe (const dx_run *run, const uint8_t key[TLY_DEDUP_LEN])
+bloom_test (const uint8_t *bits, uint32_t nblocks, const uint8_t key[TLY_DEDUP_LEN])
 {
-    if (!run->bits)
-        return true;
-    const uint8_t *block = bloom_block (run->bits, run->nblocks, key);
+    const uint8_t *block = bloom_block (bits, nblocks, key);
     uint64_t h = le64_at (key + 8);
     for (int i = 0; i < BLOOM_K; i++, h >>= 9)
         if (!(block[(h & 511) >> 3] & (1u << (h & 7))))
@@ -179,16 +184,25 @@ bloom_maybe (const dx_run *run, const uint8_t key[TLY_DEDUP_LEN])
     return true;
 }
 
-/*  Every visible run's filter block for key, fetched ahead: a lookup of a
-    new key reads one block per run, each most likely a cache miss in a
+static bool
+bloom_maybe (const dx_run *run, const uint8_t key[TLY_DEDUP_LEN])
+{
+    return !run->bits || bloom_test (run->bits, run->nblocks, key);
+}
+
+/*  The filter blocks a lookup of key reads first (each group's and each
+    lone run's), fetched ahead: each is most likely a cache miss in a
     different filter; issued together the misses overlap (and overlap the
     L0 lookups) instead of queueing one behind the other. */
 static void
 bloom_prefetch (const dx_view *view, const uint8_t key[TLY_DEDUP_LEN])
 {
 #if defined(__GNUC__)
+    for (size_t i = 0; i < view->ng; i++)
+        if (view->groups[i].live)
+            __builtin_prefetch (bloom_block (view->groups[i].bits, view->groups[i].nblocks, key));
     for (size_t i = 0; i < view->n; i++)
-        if (view->runs[i].bits)
+        if (view->runs[i].bits && view->runs[i].group < 0)
             __builtin_prefetch (bloom_block (view->runs[i].bits, view->runs[i].nblocks, key));
 #else
     (void) view;
@@ -241,14 +255,13 @@ filter_file_ok (int fd, size_t size)
     return avail / 4 > (uint64_t) size && avail - (uint64_t) size * 4 > FILTER_DISK_SPARE;
 }
 
-/*  A zeroed filter of nblocks for a run of count keys in tier / slot;
-    *map_len is the length of its mapping (0: it is in the heap), for
-    filter_free. */
+/*  size zeroed bytes for a filter and its header; *map_len is the length
+    of their mapping (0: they are in the heap), for filter_free.  Where
+    a mapping is not to be had, a filter of 4 MiB or more goes to the heap
+    only if heap_ok (a run's must exist; a group's may not). */
 static uint8_t *
-filter_new (const dx_tables *t, uint64_t count, uint32_t nblocks, uint32_t tier, uint32_t slot,
-            size_t *map_len)
+filter_alloc (const dx_tables *t, size_t size, bool heap_ok, size_t *map_len)
 {
-    size_t size = BLOOM_HDR + (size_t) nblocks * BLOOM_BLOCK;
     uint8_t *filter = NULL;
     *map_len = 0;
     if (t->scratch_dir && size >= filter_map_min_of (t)) {
@@ -263,10 +276,19 @@ filter_new (const dx_tables *t, uint64_t count, uint32_t nblocks, uint32_t tier,
         if (fd >= 0)
             close (fd);             /* the mapping keeps the file */
     }
-    if (!filter && !(filter = calloc (1, size)))
-        return NULL;
-    uint32_t hdr[4] = { (uint32_t) count, nblocks, tier, slot };
-    memcpy (filter, hdr, sizeof hdr);
+    return filter ? filter : heap_ok || size < FILTER_MAP_MIN_DEFAULT ? calloc (1, size) : NULL;
+}
+
+/*  A zeroed filter of nblocks for a run of count keys in tier / slot. */
+static uint8_t *
+filter_new (const dx_tables *t, uint64_t count, uint32_t nblocks, uint32_t tier, uint32_t slot,
+            size_t *map_len)
+{
+    uint8_t *filter = filter_alloc (t, BLOOM_HDR + (size_t) nblocks * BLOOM_BLOCK, true, map_len);
+    if (filter) {
+        uint32_t hdr[4] = { (uint32_t) count, nblocks, tier, slot };
+        memcpy (filter, hdr, sizeof hdr);
+    }
     return filter;
 }
 
@@ -455,6 +477,7 @@ dx_open (MDB_txn *txn, dx_tables *t)
 {
     char name[16];
     int rc = mdb_dbi_open (txn, "blooms", MDB_CREATE, &t->blooms);
+    if (!rc) rc = mdb_dbi_open (txn, "groups", MDB_CREATE, &t->groups);
     if (!rc) rc = mdb_dbi_open (txn, "meta", MDB_CREATE, &t->meta);
     for (unsigned i = 0; i < DX_SLOTS && !rc; i++) {
         snprintf (name, sizeof name, "run.%u", i);
@@ -569,6 +592,14 @@ view_lower (const dx_view *view, uint32_t id)
     return lo;
 }
 
+/*  The visible run with this id, or NULL. */
+static dx_run *
+view_find (const dx_view *view, uint32_t id)
+{
+    size_t i = view_lower (view, id);
+    return i < view->n && view->runs[i].id == id ? (dx_run *) &view->runs[i] : NULL;
+}
+
 static void
 view_remove (dx_view *view, uint32_t id)
 {
@@ -579,12 +610,90 @@ view_remove (dx_view *view, uint32_t id)
     }
 }
 
-/*  One "blooms" record per visible run.  The filters are not copied: bits
-    point into the map, valid for the txn. */
+/*  Names each visible run's group.  A group whose visible members are
+    not all of its tier and in no other group is malformed (bad): it
+    links no run, so they are asked one by one. */
+static void
+view_link (dx_view *view)
+{
+    for (size_t i = 0; i < view->n; i++)
+        view->runs[i].group = -1;
+    for (size_t g = 0; g < view->ng; g++) {
+        dx_group *grp = &view->groups[g];
+        bool ok = g <= INT32_MAX;
+        grp->live = 0;
+        grp->bad = false;
+        for (uint32_t m = 0; m < grp->n && ok; m++) {
+            const dx_run *run = view_find (view, grp->members[m]);
+            ok = !run || (run->tier == grp->tier && run->group < 0);
+            for (uint32_t j = 0; j < m && ok; j++)
+                ok = grp->members[j] != grp->members[m];
+        }
+        if (!ok) {
+            grp->bad = true;
+            continue;
+        }
+        for (uint32_t m = 0; m < grp->n; m++) {
+            dx_run *run = view_find (view, grp->members[m]);
+            if (run) {
+                run->group = (int32_t) g;
+                grp->live++;
+            }
+        }
+    }
+}
+
+/*  A "groups" record, or false if it does not parse. */
+static bool
+group_parse (const MDB_val *k, const MDB_val *v, dx_group *grp)
+{
+    uint32_t hdr[4];
+    if (k->mv_size != 4 || v->mv_size < GROUP_HDR)
+        return false;
+    memcpy (hdr, v->mv_data, sizeof hdr);
+    *grp = (dx_group) { .id = get_be32 (k->mv_data), .tier = hdr[1], .nblocks = hdr[2],
+                        .n = hdr[3], .bits = (const uint8_t *) v->mv_data + GROUP_HDR };
+    memcpy (grp->members, (const uint8_t *) v->mv_data + 16, sizeof grp->members);
+    return hdr[0] == GROUP_VERSION && grp->tier < DX_TIERS && grp->n <= DX_GROUP_MAX
+        && grp->nblocks > 0 && v->mv_size == GROUP_HDR + (size_t) grp->nblocks * BLOOM_BLOCK;
+}
+
+/*  The "groups" records, ascending id.  A record that does not parse is
+    left out (counted in malformed): its members are asked one by one. */
+static int
+groups_load (const dx_tables *t, MDB_txn *txn, dx_view *view)
+{
+    view->ng = 0;
+    view->malformed = 0;
+    MDB_cursor *cur;
+    if (mdb_cursor_open (txn, t->groups, &cur))
+        return TLY_EIO;
+    int err = TLY_OK;
+    MDB_val k, v;
+    int rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
+    for (; rc == 0 && !err; rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT)) {
+        dx_group grp;
+        if (!group_parse (&k, &v, &grp))
+            view->malformed++;
+        else
+        if (!(err = grow (&view->groups, &view->gcap, view->ng, sizeof *view->groups)))
+            view->groups[view->ng++] = grp;
+    }
+    if (!err && rc != MDB_NOTFOUND)
+        err = TLY_EIO;
+    mdb_cursor_close (cur);
+    if (!err)
+        view_link (view);
+    return err;
+}
+
+/*  One "blooms" record per visible run, and the groups.  The filters are
+    not copied: bits point into the map, valid for the txn. */
 int
 dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view)
 {
     view->n = 0;
+    view->ng = 0;
     view->probes = 0;
     int err = covered_load (t, txn, &view->covered);
     if (err)
@@ -604,7 +713,7 @@ dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view)
         memcpy (hdr, v.mv_data, sizeof hdr);
         dx_run run = { .id = get_be32 (k.mv_data), .count = hdr[0], .nblocks = hdr[1],
                        .tier = hdr[2] & RUN_TIER_MASK, .slot = hdr[3],
-                       .packed = (hdr[2] & RUN_PACKED) != 0 };
+                       .packed = (hdr[2] & RUN_PACKED) != 0, .group = -1 };
         /*  No table to look in, or two runs in one: keys would vanish. */
         if (run.tier >= DX_TIERS || run.slot >= DX_SLOTS || taken[run.slot]
         ||  (hdr[2] & ~(RUN_TIER_MASK | RUN_PACKED))) {
@@ -628,7 +737,7 @@ dx_view_load (const dx_tables *t, MDB_txn *txn, dx_view *view)
         sum += view->runs[i].count;
     if (!err && sum != view->covered)
         err = TLY_ECORRUPT;
-    return err;
+    return err ? err : groups_load (t, txn, view);
 }
 
 int
@@ -641,22 +750,42 @@ void
 dx_view_free (dx_view *view)
 {
     free (view->runs);
+    free (view->groups);
     l0_free (&view->l0);
     memset (view, 0, sizeof *view);
 }
 
 /*  L0, then the runs newest first; each key is visible in exactly one
-    place, so the order only matters for speed (recent keys are hot). */
+    place, so the order only matters for speed (recent keys are hot).  A
+    run in a group is asked only if its group may hold the key; each
+    group's filter is read once (said: 0 no, 1 maybe, 2 not asked yet). */
 int
 dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
            const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq)
 {
     MDB_val k = { TLY_DEDUP_LEN, (void *) key }, v;
+    uint8_t said[DX_SLOTS];
+    size_t nsaid = view->ng < DX_SLOTS ? view->ng : DX_SLOTS;
     bloom_prefetch (view, key);
     if (l0_find (&view->l0, key, seq) == TLY_OK)
         return TLY_OK;
+    memset (said, 2, nsaid);
     for (size_t i = view->n; i-- > 0;) {
         const dx_run *run = &view->runs[i];
+        if (run->group >= 0) {
+            size_t g = (size_t) run->group;
+            const dx_group *grp = &view->groups[g];
+            if (g >= nsaid) {
+                if (!bloom_test (grp->bits, grp->nblocks, key))
+                    continue;
+            }
+            else {
+                if (said[g] == 2)
+                    said[g] = bloom_test (grp->bits, grp->nblocks, key);
+                if (!said[g])
+                    continue;
+            }
+        }
         if (!bloom_maybe (run, key))
             continue;
         view->probes++;
@@ -689,13 +818,14 @@ typedef struct {
     run's filter must say "maybe" for each of its keys, or lookups would
     not see them: a silent hole in deduplication. */
 static int
-scan_table (MDB_txn *txn, MDB_dbi dbi, const dx_run *run,
+scan_table (MDB_txn *txn, MDB_dbi dbi, const dx_run *run, const dx_group *grp,
             const uint8_t *resume, scan_ctx *sc, bool *ended)
 {
     run_cursor c;
     int err = rcur_open (txn, dbi, run->packed, resume, &c);
     for (; !err && c.live && sc->left > 0; sc->left--) {
-        if (!run->bits || !bloom_maybe (run, c.key)) {
+        if (!run->bits || !bloom_maybe (run, c.key)
+        ||  (grp && !bloom_test (grp->bits, grp->nblocks, c.key))) {
             err = TLY_ECORRUPT;
             break;
         }
@@ -715,7 +845,9 @@ scan_table (MDB_txn *txn, MDB_dbi dbi, const dx_run *run,
     any before it, so a pass started before a flush or merge still visits
     every record it started with.  Runs being built or dead are not
     visible: nothing looks in them, so nothing to check.  L0 is not
-    stored: the entries it is derived from are checked as entries. */
+    stored: the entries it is derived from are checked as entries.  Each
+    key is checked against its group's filter too; a group record that
+    is malformed fails the pass at once. */
 int
 dx_scan (const dx_tables *t, MDB_txn *txn, const dx_view *view, const uint8_t *after,
          size_t count, tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN],
@@ -725,11 +857,14 @@ dx_scan (const dx_tables *t, MDB_txn *txn, const dx_view *view, const uint8_t *a
     const uint8_t *resume = after ? after + 4 : NULL;
     uint32_t from = after ? get_be32 (after) : 0;
     bool ended = true;
-    int err = TLY_OK;
+    int err = view->malformed ? TLY_ECORRUPT : TLY_OK;
+    for (size_t g = 0; g < view->ng && !err; g++)
+        err = view->groups[g].bad ? TLY_ECORRUPT : TLY_OK;
     *done = false;
     for (size_t i = view_lower (view, from); i < view->n && !err && ended; i++) {
         const dx_run *run = &view->runs[i];
-        err = scan_table (txn, t->slot[run->slot], run, run->id == from ? resume : NULL,
+        const dx_group *grp = run->group >= 0 ? &view->groups[run->group] : NULL;
+        err = scan_table (txn, t->slot[run->slot], run, grp, run->id == from ? resume : NULL,
                           &sc, &ended);
     }
     *done = !err && ended;
@@ -758,7 +893,23 @@ typedef struct {
     uint64_t refilled;              /* of those, back in the filter */
     uint8_t refill_last[TLY_DEDUP_LEN];    /* the last of those (refilled > 0) */
     uint8_t refill_end[TLY_DEDUP_LEN];     /* the table's last key at the resume */
+    struct dx_fill *fill;           /* the group its keys go into too (NULL: none) */
 } dx_build;
+
+/*  The group a tier's runs join as they are built: its filter (the
+    record's header, then the blocks) and the members published so far.
+    Only build[tier] fills it, one build at a time. */
+typedef struct dx_fill {
+    bool on;
+    uint32_t id, tier, nblocks, n;
+    uint32_t members[DX_GROUP_MAX];
+    uint32_t stored;                /* members in its stored record (0: none) */
+    uint64_t keys;                  /* in its published members */
+    uint64_t planned;               /* those, and the build filling it now */
+    uint64_t capacity;              /* keys it was sized for */
+    uint8_t *filter;                /* GROUP_HDR + nblocks * BLOOM_BLOCK */
+    size_t map_len;
+} dx_fill;
 
 typedef struct {
     uint8_t *filter;
@@ -776,6 +927,7 @@ struct dx_writer {
     dx_rec *frozen;                 /* build[0]: L0's keys [covered, covered + total), sorted */
     uint32_t next_id;
     dx_build build[DX_TIERS];       /* build[j] makes a run of tier j */
+    dx_fill fill[DX_TIERS];         /* fill[j]: the group tier j's runs join */
     bool dead[DX_SLOTS];            /* holds records no visible run owns */
     dx_fresh *fresh;                /* filters of runs finished in this txn */
     size_t nfresh, fresh_cap;
@@ -802,13 +954,16 @@ drop_fresh (dx_writer *self)
 
 /*  Forgets the maintenance state: the next begin derives it from meta and
     the tables, where each build under way at the last commit is resumed
-    (build_resume). */
+    (build_resume).  A group filling is lost, unless a checkpoint stored
+    it: its runs are then asked one by one until merged. */
 static void
 forget_state (dx_writer *self)
 {
     for (unsigned j = 0; j < DX_TIERS; j++) {
         filter_free (self->build[j].filter, self->build[j].map_len);
         memset (&self->build[j], 0, sizeof self->build[j]);
+        filter_free (self->fill[j].filter, self->fill[j].map_len);
+        memset (&self->fill[j], 0, sizeof self->fill[j]);
     }
     free (self->frozen);
     self->frozen = NULL;
@@ -849,6 +1004,229 @@ slot_owned (const dx_writer *self, uint32_t slot)
     return false;
 }
 
+/* ---- groups being filled ----
+
+    The view's groups come from "groups" as the txn began (clean pages,
+    which no write in the txn moves) and from the writer's own memory:
+    the groups filling, and those stored in this txn (kept in `fresh`).
+    So nothing here reads a group record back after writing one. */
+
+static void
+fill_header (dx_fill *f)
+{
+    uint32_t hdr[4] = { GROUP_VERSION, f->tier, f->nblocks, f->n };
+    memcpy (f->filter, hdr, sizeof hdr);
+    memcpy (f->filter + 16, f->members, sizeof f->members);
+    memcpy (f->filter + 48, &f->keys, 8);
+    memcpy (f->filter + 56, &f->capacity, 8);
+}
+
+/*  Points the view at each filling group with members (in place of the
+    record it was taken up from, if any), and links the runs again. */
+static int
+view_attach (dx_writer *self)
+{
+    dx_view *view = &self->view;
+    for (unsigned j = 0; j < DX_TIERS; j++) {
+        const dx_fill *f = &self->fill[j];
+        if (!f->on || f->n == 0)
+            continue;
+        size_t g = 0;
+        while (g < view->ng && view->groups[g].id != f->id)
+            g++;
+        if (g == view->ng) {
+            if (grow (&view->groups, &view->gcap, view->ng, sizeof *view->groups))
+                return TLY_ENOMEM;
+            view->ng++;
+        }
+        dx_group *grp = &view->groups[g];
+        *grp = (dx_group) { .id = f->id, .tier = f->tier, .nblocks = f->nblocks, .n = f->n,
+                            .bits = f->filter + GROUP_HDR };
+        memcpy (grp->members, f->members, sizeof grp->members);
+    }
+    view_link (view);
+    return TLY_OK;
+}
+
+/*  Stores f's record.  A group still filling is stored folded to the
+    size its members need: blocks are picked by range, so in a filter of
+    half the blocks a key's block is (its block) / 2, and OR-ing block
+    pairs gives exactly the filter those keys would have made in it
+    (16 bits per key again).  A tier left with one such record per
+    restart then takes no more room than its runs' own filters. */
+static int
+fill_put (dx_writer *self, dx_fill *f)
+{
+    uint32_t nblocks = f->nblocks, fold = 1;
+    while (f->n < DX_GROUP_MAX && nblocks % 2 == 0 && bloom_nblocks (f->keys) <= nblocks / 2) {
+        nblocks /= 2;
+        fold *= 2;
+    }
+    uint8_t key[4];
+    put_be32 (key, f->id);
+    fill_header (f);
+    MDB_val k = { 4, key }, v = { GROUP_HDR + (size_t) nblocks * BLOOM_BLOCK, NULL };
+    int rc = mdb_put (self->txn, self->t->groups, &k, &v, MDB_RESERVE);
+    if (rc)
+        return lmdb_err (rc);
+    uint8_t *out = v.mv_data;
+    uint64_t capacity = f->capacity / fold;
+    memcpy (out, f->filter, GROUP_HDR);
+    memcpy (out + 8, &nblocks, 4);
+    memcpy (out + 56, &capacity, 8);
+    const uint8_t *in = f->filter + GROUP_HDR;
+    for (uint32_t j = 0; j < nblocks; j++) {
+        uint8_t *block = out + GROUP_HDR + (size_t) j * BLOOM_BLOCK;
+        memcpy (block, in + (size_t) j * fold * BLOOM_BLOCK, BLOOM_BLOCK);
+        for (uint32_t i = 1; i < fold; i++)
+            for (int b = 0; b < BLOOM_BLOCK; b++)
+                block[b] |= in[((size_t) j * fold + i) * BLOOM_BLOCK + b];
+    }
+    f->stored = f->n;
+    changed (self);
+    return TLY_OK;
+}
+
+/*  A group with all its members, or no room for the next: stored for
+    good.  Its filter stays the view's until the txn ends. */
+static int
+fill_close (dx_writer *self, dx_fill *f)
+{
+    if (grow (&self->fresh, &self->fresh_cap, self->nfresh, sizeof *self->fresh))
+        return TLY_ENOMEM;
+    int err = f->n ? fill_put (self, f) : TLY_OK;
+    if (err)
+        return err;
+    self->fresh[self->nfresh++] = (dx_fresh) { f->filter, f->map_len };
+    memset (f, 0, sizeof *f);
+    changed (self);
+    return TLY_OK;
+}
+
+/*  build[tier], about to make run `id` of total keys, joins its tier's
+    group: the one filling if it has room, else a new one sized for
+    DX_GROUP_MAX runs like this one (up to a quarter more keys only
+    raises its false positives).  A group too large to map (O_TMPFILE,
+    see filter_alloc) is not made: its runs are asked one by one. */
+static int
+fill_join (dx_writer *self, unsigned tier, uint64_t total, uint32_t id)
+{
+    dx_fill *f = &self->fill[tier];
+    dx_build *b = &self->build[tier];
+    b->fill = NULL;
+    if (f->on && f->planned + total > f->capacity + f->capacity / 4) {
+        int err = fill_close (self, f);
+        if (err)
+            return err;
+    }
+    if (!f->on) {
+        uint64_t capacity = total * DX_GROUP_MAX;
+        /*  A multiple of 8 blocks: fill_put can fold it down to one run's. */
+        uint32_t nblocks = (bloom_nblocks (capacity) + DX_GROUP_MAX - 1) / DX_GROUP_MAX
+                         * DX_GROUP_MAX;
+        size_t map_len;
+        uint8_t *filter = filter_alloc (self->t, GROUP_HDR + (size_t) nblocks * BLOOM_BLOCK,
+                                        false, &map_len);
+        if (!filter)
+            return TLY_OK;
+        *f = (dx_fill) { .on = true, .id = id, .tier = tier, .nblocks = nblocks,
+                         .capacity = capacity, .filter = filter, .map_len = map_len };
+    }
+    f->planned += total;
+    b->fill = f;                    /* no change to the txn yet: its keys will be */
+    return TLY_OK;
+}
+
+/*  Run `id` of total keys, made by a build that filled f, is published. */
+static int
+fill_publish (dx_writer *self, dx_fill *f, uint32_t id, uint64_t total)
+{
+    if (f->n >= DX_GROUP_MAX)
+        return TLY_ECORRUPT;        /* a full group is closed: a bug */
+    f->members[f->n++] = id;
+    f->keys += total;
+    int err = view_attach (self);
+    if (!err && f->n == DX_GROUP_MAX)
+        err = fill_close (self, f);
+    return err;
+}
+
+/*  Deletes the group records that name no visible run any more (or
+    that are malformed: a group is only a shortcut), but not a group
+    still filling. */
+static int
+groups_gc (dx_writer *self)
+{
+    dx_view *view = &self->view;
+    for (size_t g = 0; g < view->ng;) {
+        const dx_group *grp = &view->groups[g];
+        bool filling = false;
+        for (unsigned j = 0; j < DX_TIERS; j++)
+            filling |= self->fill[j].on && self->fill[j].id == grp->id;
+        if (filling || (grp->live > 0 && !grp->bad)) {
+            g++;
+            continue;
+        }
+        uint8_t key[4];
+        put_be32 (key, grp->id);
+        MDB_val k = { 4, key };
+        int rc = mdb_del (self->txn, self->t->groups, &k, NULL);
+        if (rc && rc != MDB_NOTFOUND) {
+            view_link (view);       /* runs must not name a group moved away */
+            return lmdb_err (rc);
+        }
+        memmove (&view->groups[g], &view->groups[g + 1], (view->ng - g - 1) * sizeof *view->groups);
+        view->ng--;
+        changed (self);
+    }
+    view_link (view);
+    return TLY_OK;
+}
+
+/*  Records of "groups" that do not parse are deleted (their runs are
+    asked one by one meanwhile). */
+static int
+groups_purge (dx_writer *self)
+{
+    int rc = MDB_NOTFOUND;
+    for (size_t left = self->view.malformed; left > 0; left--) {
+        MDB_cursor *cur;
+        if (mdb_cursor_open (self->txn, self->t->groups, &cur))
+            return TLY_EIO;
+        MDB_val k, v;
+        dx_group grp;
+        rc = mdb_cursor_get (cur, &k, &v, MDB_FIRST);
+        while (rc == 0 && group_parse (&k, &v, &grp))
+            rc = mdb_cursor_get (cur, &k, &v, MDB_NEXT);
+        if (rc == 0)
+            rc = mdb_cursor_del (cur, 0);
+        mdb_cursor_close (cur);
+        if (rc)
+            break;
+        changed (self);
+    }
+    if (rc && rc != MDB_NOTFOUND)
+        return lmdb_err (rc);
+    self->view.malformed = 0;
+    return TLY_OK;
+}
+
+int
+dx_writer_checkpoint (dx_writer *self, bool *stored)
+{
+    *stored = false;
+    for (unsigned j = 0; j < DX_TIERS; j++) {
+        dx_fill *f = &self->fill[j];
+        if (f->on && f->n > f->stored) {
+            int err = fill_put (self, f);
+            if (err)
+                return err;
+            *stored = true;
+        }
+    }
+    return TLY_OK;
+}
+
 /*  Sets build[tier] up to write total keys into table slot in blocks of
     `block` records (0: one record per key): its id, and an empty filter
     whose header names them. */
@@ -866,7 +1244,7 @@ build_init (dx_writer *self, unsigned tier, uint32_t slot, uint64_t total, uint3
     b->total = total;
     b->block = block;
     b->nblk = 0;
-    return TLY_OK;
+    return fill_join (self, tier, total, b->out);
 }
 
 /*  meta "dedup.build<tier>": a build in progress, written in the txn
@@ -935,14 +1313,6 @@ build_drop (dx_writer *self, unsigned tier)
     }
     changed (self);
     return build_record_del (self, tier);   /* a later start writes a new one */
-}
-
-/*  The visible run with this id, or NULL. */
-static const dx_run *
-view_find (const dx_view *view, uint32_t id)
-{
-    size_t i = view_lower (view, id);
-    return i < view->n && view->runs[i].id == id ? &view->runs[i] : NULL;
 }
 
 /*  Takes up the build of tier that meta records, if its record still
@@ -1050,8 +1420,22 @@ build_resume (dx_writer *self, unsigned tier)
 static int
 state_load (dx_writer *self)
 {
-    self->next_id = self->view.n ? self->view.runs[self->view.n - 1].id + 1 : 1;
-    int err = TLY_OK;
+    /*  Above any id a group names too (never a run's id again). */
+    uint32_t top = self->view.n ? self->view.runs[self->view.n - 1].id : 0;
+    for (size_t g = 0; g < self->view.ng; g++) {
+        const dx_group *grp = &self->view.groups[g];
+        top = grp->id > top ? grp->id : top;
+        for (uint32_t m = 0; m < grp->n; m++)
+            top = grp->members[m] > top ? grp->members[m] : top;
+    }
+    self->next_id = top + 1;
+    /*  A group stored still filling is not taken up: copying its filter
+        (154 MB for tier 2 at 50M entries) would stall the first commit
+        for a third of a second.  It goes on serving lookups for the runs
+        it names; the tier's next run starts a new group. */
+    int err = groups_purge (self);
+    if (!err)
+        err = groups_gc (self);
     for (unsigned j = 0; j < DX_TIERS && !err; j++)
         err = build_resume (self, j);
     for (uint32_t s = 0; s < DX_SLOTS && !err; s++) {
@@ -1082,6 +1466,9 @@ dx_writer_begin (dx_writer *self, MDB_txn *txn, uint64_t size)
         err = dx_view_sync (self->t, txn, &self->view, size);
     if (!err && !self->loaded)
         err = state_load (self);    /* after the sync: a flush resumes from L0 */
+    else
+    if (!err)
+        err = view_attach (self);
     return err;
 }
 
@@ -1198,6 +1585,8 @@ build_put (dx_writer *self, dx_build *b, const uint8_t key[TLY_DEDUP_LEN], uint6
             return rc == MDB_KEYEXIST ? TLY_ECORRUPT : lmdb_err (rc);
     }
     bloom_add (b->filter + BLOOM_HDR, b->nblocks, key);
+    if (b->fill)
+        bloom_add (b->fill->filter + GROUP_HDR, b->fill->nblocks, key);
     memcpy (b->last, key, TLY_DEDUP_LEN);
     b->done++;
     changed (self);
@@ -1226,12 +1615,16 @@ build_publish (dx_writer *self, unsigned tier)
         return TLY_ENOMEM;
     self->fresh[self->nfresh++] = (dx_fresh) { b->filter, b->map_len };
     dx_run run = { .id = b->out, .tier = tier, .slot = b->slot, .count = (uint32_t) b->total,
-                   .nblocks = b->nblocks, .packed = b->block != 0,
+                   .nblocks = b->nblocks, .packed = b->block != 0, .group = -1,
                    .bits = b->filter + BLOOM_HDR };
+    dx_fill *fill = b->fill;
     b->filter = NULL;
+    b->fill = NULL;
     b->on = false;
     changed (self);
-    return view_insert (&self->view, run);
+    if ((err = view_insert (&self->view, run)))
+        return err;
+    return fill ? fill_publish (self, fill, run.id, run.count) : TLY_OK;
 }
 
 /*  Copies up to budget of L0's frozen keys, in order, into tier 0; the
@@ -1348,6 +1741,8 @@ refill_step (dx_writer *self, unsigned tier, uint64_t budget)
             break;
         }
         bloom_add (b->filter + BLOOM_HDR, b->nblocks, own.key);
+        if (b->fill)
+            bloom_add (b->fill->filter + GROUP_HDR, b->fill->nblocks, own.key);
         memcpy (b->refill_last, own.key, TLY_DEDUP_LEN);
         b->refilled++;
         changed (self);
@@ -1393,7 +1788,8 @@ retire_inputs (dx_writer *self, const dx_run *in)
         self->dead[in[i].slot] = true;
         changed (self);
     }
-    return TLY_OK;
+    view_link (&self->view);
+    return groups_gc (self);
 }
 
 /*  K-way merge of up to budget keys of the inputs (tier - 1) into tier,
@@ -1529,9 +1925,9 @@ dx_writer_maintain (dx_writer *self, uint64_t appended)
 int
 dx_writer_finish (dx_writer *self)
 {
-    bool worked = true;
+    bool worked = true, stored;
     int err = TLY_OK;
     while (!err && worked)
         err = maintain (self, UINT32_MAX, &worked);
-    return err;
+    return err ? err : dx_writer_checkpoint (self, &stored);
 }

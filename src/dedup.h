@@ -23,7 +23,18 @@
         in meta ("dedup.build<tier>"), so a writer that starts after a
         crash or an aborted txn goes on with it: the table holds what the
         build wrote, and its keys are checked against the build's sources
-        as they go back into the Bloom filter, which only lived in memory.
+        as they go back into the Bloom filter, which only lived in memory;
+      - groups: one more Bloom filter over the keys of up to 8 runs of a
+        tier (the ones its next merge takes), in "groups".  A lookup asks
+        a group's one block before its members' blocks, so a new key costs
+        a cache line per group instead of one per run (19 runs at 50M
+        entries, 4 to 6 groups and lone runs).  A group fills as its
+        members are built (each key goes into the run's filter and the
+        group's), is stored when its last member is published and when
+        the writer checkpoints (dx_writer_checkpoint), and is deleted with
+        its last member.  It is only ever a shortcut: a run no group names
+        is asked itself, so a group lost in a crash costs speed, never a
+        key.
     So a commit's index work is proportional to the events it appends,
     never to the size of the index.
 
@@ -53,6 +64,7 @@
 typedef struct {
     MDB_dbi slot[DX_SLOTS];
     MDB_dbi blooms;
+    MDB_dbi groups;
     MDB_dbi meta;
     size_t l0_max;
     dx_key_fn *key_of;              /* the dedup key of a stored entry */
@@ -80,8 +92,25 @@ typedef struct {
     uint32_t count;
     uint32_t nblocks;
     bool packed;                    /* blocks of records (else one record per key) */
+    int32_t group;                  /* its group in the view's groups (-1: none) */
     const uint8_t *bits;
 } dx_run;
+
+#define DX_GROUP_MAX 8              /* runs per group: a merge's inputs */
+
+/*  One group as seen by one snapshot: a filter holding every key of each
+    visible run it names.  bits point into the LMDB map or the writer's
+    memory (the group it is filling). */
+typedef struct {
+    uint32_t id;
+    uint32_t tier;
+    uint32_t nblocks;
+    uint32_t n;                     /* members named */
+    uint32_t members[DX_GROUP_MAX]; /* run ids, some perhaps merged away */
+    uint32_t live;                  /* of them, visible runs (linked) */
+    bool bad;                       /* names a run of another tier or group */
+    const uint8_t *bits;
+} dx_group;
 
 /*  What one snapshot sees: the visible runs, ascending id, which cover
     the entries [0, covered), and L0 for [covered, size).  L0 is kept
@@ -89,6 +118,9 @@ typedef struct {
 typedef struct {
     dx_run *runs;
     size_t n, cap;
+    dx_group *groups;
+    size_t ng, gcap;
+    size_t malformed;               /* group records that do not parse (ignored) */
     uint64_t covered;
     dx_l0 l0;
     uint64_t probes;                /* run reads by lookups (statistics) */
@@ -133,8 +165,14 @@ int dx_writer_insert (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_
     maintenance (starting builds, advancing each, deleting dead runs),
     about DX_RATE records per appended event per job. */
 int dx_writer_maintain (dx_writer *self, uint64_t appended);
-/*  All pending maintenance now, whatever it costs (tests, tools). */
+/*  All pending maintenance now, whatever it costs (tests, tools); then
+    a checkpoint. */
 int dx_writer_finish (dx_writer *self);
+/*  Stores the groups still filling, so that after this txn's commit a
+    writer started later (or a reader) finds their members in a group
+    instead of asking each one until merged (a clean shutdown does this;
+    the next writer starts new groups and leaves these as they are). */
+int dx_writer_checkpoint (dx_writer *self, bool *stored);
 /*  The txn ended: committed, or aborted (then any maintenance done in it is
     forgotten; unfinished builds are started again later). */
 void dx_writer_end (dx_writer *self, bool committed);

@@ -609,6 +609,20 @@ tly_reader_dedup_tiers (tly_reader *self, uint32_t *tiers, size_t n)
 }
 
 int
+tly_reader_dedup_groups (tly_reader *self, size_t *groups, size_t *lone)
+{
+    int rc = reader_view (self);
+    *groups = *lone = 0;
+    if (rc)
+        return rc;
+    for (size_t g = 0; g < self->view.ng; g++)
+        *groups += self->view.groups[g].live > 0;
+    for (size_t i = 0; i < self->view.n; i++)
+        *lone += self->view.runs[i].group < 0;
+    return TLY_OK;
+}
+
+int
 tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32])
 {
     tly_reader *self = reader;
@@ -912,6 +926,30 @@ tly_writer_compact (tly_writer *self)
     return dx_writer_finish (self->dx);
 }
 
+static int writer_seal (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
+                        const char **why);
+
+int
+tly_writer_checkpoint (tly_writer *self, const uint8_t sk[TLY_SK_LEN], const char **why)
+{
+    bool stored = false;
+    int err = tly_writer_begin (self);
+    if (err) {
+        *why = "starting the checkpoint's transaction failed";
+        return err;
+    }
+    /*  The commit's slice of maintenance first (a run it publishes joins
+        its group), then the groups as they are after it. */
+    if ((err = dx_writer_maintain (self->dx, 0)) || (err = dx_writer_checkpoint (self->dx, &stored))
+    ||  !stored) {
+        if (err)
+            *why = "storing the dedup index's groups failed";
+        tly_writer_abort (self);
+        return err;
+    }
+    return writer_seal (self, sk, NULL, why);
+}
+
 void
 tly_writer_dedup_backlog (tly_writer *self, size_t *builds, size_t *dead)
 {
@@ -935,11 +973,18 @@ tly_writer_commit (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
         tly_writer_abort (self);
         return err;
     }
+    return writer_seal (self, sk, sth, why);
+}
+
+/*  Signs the head of the txn's tree and commits. */
+static int
+writer_seal (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth, const char **why)
+{
     tly_sth head = { .tree_size = self->frontier.size, .ts = tly_now_ms () };
     if (head.ts < self->sth.ts)
         head.ts = self->sth.ts;     /* heads never go back in time */
     tly_frontier_root (&self->frontier, head.root);
-    err = tly_sth_sign (&head, sk);
+    int err = tly_sth_sign (&head, sk);
     if (err) {
         *why = "signing the tree head failed";
         tly_writer_abort (self);

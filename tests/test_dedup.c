@@ -244,6 +244,46 @@ scan_slice (fixture *f, seen_ctx *c, uint8_t pos[TLY_DEDUP_POS_LEN], bool starte
     return done;
 }
 
+/*  A txn that only checkpoints, as tallyd's receipt actor does when it
+    stops: the groups still filling are stored. */
+static void
+checkpoint (fixture *f)
+{
+    MDB_txn *txn;
+    bool stored;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (dx_writer_begin (f->w, txn, f->n), TLY_OK);
+    assert_int_equal (dx_writer_checkpoint (f->w, &stored), TLY_OK);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+    dx_writer_end (f->w, true);
+}
+
+/*  What a snapshot's groups are: each names at most DX_GROUP_MAX runs of
+    its tier, at least one of them visible (the writer deletes the rest);
+    *grouped: visible runs in a group; *partial: groups not full. */
+static size_t
+groups_check (fixture *f, size_t *grouped, size_t *partial)
+{
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    view_begin (f, &txn, &view);
+    assert_int_equal (view.malformed, 0);
+    *grouped = *partial = 0;
+    for (size_t g = 0; g < view.ng; g++) {
+        assert_false (view.groups[g].bad);
+        assert_true (view.groups[g].n <= DX_GROUP_MAX);
+        *partial += view.groups[g].n < DX_GROUP_MAX;
+    }
+    for (size_t i = 0; i < view.n; i++)
+        if (view.runs[i].group >= 0) {
+            assert_int_equal (view.groups[view.runs[i].group].tier, view.runs[i].tier);
+            (*grouped)++;
+        }
+    size_t ng = view.ng;
+    view_end (txn, &view);
+    return ng;
+}
+
 /*  Random commits and aborts, with a writer restart now and then and a
     scrubber scan running across them: a scan visits at least every record
     that was in a run when it started (a record a merge moved may be
@@ -317,6 +357,7 @@ model (fixture *f, uint64_t legacy_until)
     bool started = false;
     uint64_t scan_from = 0;         /* keys committed when the scan began */
     int aborts = 0, restarts = 0, scans = 0, mixed = 0, builds_v1 = 0, resumed_v1 = 0;
+    int checkpoints = 0;
     uint32_t v1_slot[DX_TIERS];     /* tables of format-8 builds at the upgrade */
     bool check_v1 = false;
     f->t.legacy_layout = legacy_until > 0;
@@ -356,6 +397,10 @@ model (fixture *f, uint64_t legacy_until)
             check_v1 = true;
         }
         if (upgrade || below (f, 60) == 0) {   /* a restart: the state is what is on disk */
+            if (below (f, 2)) {     /* a clean stop: the groups filling are stored */
+                checkpoint (f);
+                checkpoints++;
+            }
             dx_writer_destroy (&f->w);
             assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
             restarts++;
@@ -384,7 +429,7 @@ model (fixture *f, uint64_t legacy_until)
             view_end (txn, &view);
         }
     }
-    assert_true (aborts > 0 && restarts > 0 && scans > 0);
+    assert_true (aborts > 0 && restarts > 0 && scans > 0 && checkpoints > 0);
     assert_true (legacy_until == 0 || mixed > 0);   /* both layouts read in one view */
     assert_true (legacy_until == 0 || (builds_v1 > 0 && resumed_v1 > 0));
 
@@ -397,6 +442,10 @@ model (fixture *f, uint64_t legacy_until)
     assert_int_equal (dx_writer_l0_keys (f->w), f->n - in_runs);
     for (uint64_t s = 0; s < KEYS_MAX; s++)
         assert_int_equal (c.seen[s], s < in_runs);
+    /*  finish_all checkpointed: every run of a tier that merges is in a
+        stored group (each a merge's worth, or the one still filling). */
+    size_t grouped, partial, ngroups = groups_check (f, &grouped, &partial);
+    assert_true (ngroups > 0 && grouped > 0);
 
     dx_view view = { 0 };
     size_t used = 0;
@@ -407,9 +456,10 @@ model (fixture *f, uint64_t legacy_until)
         used += st.ms_entries > 0;
     }
     assert_int_equal (used, view.n);
-    print_message ("dedup model: %llu keys, %d aborted txns, %d restarts, %d scans, %zu runs, "
+    print_message ("dedup model: %llu keys, %d aborted txns, %d restarts (%d after a "
+                   "checkpoint), %d scans, %zu runs (%zu in %zu groups, %zu filling), "
                    "%d checks with both layouts\n", (unsigned long long) f->n, aborts, restarts,
-                   scans, view.n, mixed);
+                   checkpoints, scans, view.n, grouped, ngroups, partial, mixed);
     view_end (txn, &view);
     free (c.seen);
 }
@@ -1004,6 +1054,175 @@ test_dedup_scan_checks_blocks (void **state)
     free (recs);
 }
 
+/*  The stored group with the lowest id: its record copied into *rec
+    (malloc'd), and its id. */
+static uint32_t
+first_group (fixture *f, uint8_t **rec, size_t *size)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal (mdb_cursor_open (txn, f->t.groups, &cur), 0);
+    assert_int_equal (mdb_cursor_get (cur, &k, &v, MDB_FIRST), 0);
+    assert_int_equal (k.mv_size, 4);
+    const uint8_t *p = k.mv_data;
+    uint32_t id = (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 | (uint32_t) p[2] << 8 | p[3];
+    *size = v.mv_size;
+    *rec = malloc (v.mv_size);
+    memcpy (*rec, v.mv_data, v.mv_size);
+    mdb_cursor_close (cur);
+    mdb_txn_abort (txn);
+    return id;
+}
+
+static void
+group_put (fixture *f, const void *key, size_t klen, const void *rec, size_t size)
+{
+    MDB_txn *txn;
+    MDB_val k = { klen, (void *) key }, v = { size, (void *) rec };
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (mdb_put (txn, f->t.groups, &k, &v, 0), 0);
+    assert_int_equal (mdb_txn_commit (txn), 0);
+}
+
+/*  One scrubber pass over the runs in one snapshot: its verdict. */
+static int
+scan_verdict (fixture *f, size_t *malformed)
+{
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    seen_ctx c = { .seen = calloc (f->n + 1, 1), .n = f->n + 1 };
+    uint8_t pos[TLY_DEDUP_POS_LEN];
+    bool done;
+    view_begin (f, &txn, &view);
+    *malformed = view.malformed;
+    int err = dx_scan (&f->t, txn, &view, NULL, f->n + 1, seen_one, &c, pos, &done);
+    view_end (txn, &view);
+    free (c.seen);
+    return err;
+}
+
+/*  The stored group of tier 0 with the highest id, if it is not full:
+    its id and members. */
+static uint32_t partial_nblocks, full_nblocks;     /* of the last partial_group seen */
+
+static bool
+partial_group (fixture *f, uint32_t *id, uint32_t *n)
+{
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    bool found = false;
+    view_begin (f, &txn, &view);
+    for (size_t g = view.ng; g-- > 0 && !found;)
+        if (view.groups[g].tier == 0) {
+            found = view.groups[g].n < DX_GROUP_MAX;
+            *id = view.groups[g].id;
+            *n = view.groups[g].n;
+            partial_nblocks = view.groups[g].nblocks;
+            break;
+        }
+    for (size_t g = 0; g < view.ng; g++)
+        if (view.groups[g].tier == 0 && view.groups[g].n == DX_GROUP_MAX)
+            full_nblocks = view.groups[g].nblocks;
+    view_end (txn, &view);
+    return found;
+}
+
+/*  Runs in no group, in a snapshot. */
+static size_t
+lone_runs (fixture *f)
+{
+    size_t grouped, partial, n;
+    MDB_txn *txn;
+    dx_view view = { 0 };
+    groups_check (f, &grouped, &partial);
+    view_begin (f, &txn, &view);
+    n = view.n;
+    view_end (txn, &view);
+    return n - grouped;
+}
+
+/*  Groups: eight tier-0 runs make a full group, stored; a group still
+    filling is stored by a checkpoint and goes on serving the runs it
+    names after a restart, while the next writer starts a new group; a
+    restart without a checkpoint leaves the runs since the last one in no
+    group.  A group filter that lost bits, or a record that does not
+    parse, fails the scrubber's pass; the next writer deletes the latter.
+    Commits of l0_max keys: each flushes one run of exactly l0_max. */
+static void
+test_dedup_groups (void **state)
+{
+    fixture *f = *state;
+    size_t grouped, partial, malformed;
+    uint32_t id0, n0, id1, n1;
+    while (groups_check (f, &grouped, &partial) == 0)
+        txn_round (f, f->t.l0_max, true);
+    assert_int_equal (partial, 0);
+    assert_int_equal (grouped, DX_GROUP_MAX);
+    assert_int_equal (lone_runs (f), 0);
+    check_lookups (f);
+    assert_int_equal (scan_verdict (f, &malformed), TLY_OK);
+
+    /*  Two runs into a new group: filling in the writer's memory only
+        (a reader sees them in none), until a checkpoint stores it. */
+    txn_round (f, f->t.l0_max, true);
+    txn_round (f, f->t.l0_max, true);
+    assert_false (partial_group (f, &id0, &n0));
+    assert_true (lone_runs (f) >= 2);
+    checkpoint (f);
+    assert_true (partial_group (f, &id0, &n0));
+    assert_int_equal (n0, 2);
+    /*  Stored folded to what its 2 runs need: a quarter of a full one. */
+    assert_int_equal (partial_nblocks * 4, full_nblocks);
+    dx_writer_destroy (&f->w);
+    assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+    txn_round (f, f->t.l0_max, true);
+    checkpoint (f);                 /* a new group: the stored one stays as it was */
+    assert_true (partial_group (f, &id1, &n1));
+    assert_true (id1 > id0);
+    assert_int_equal (n1, 1);
+    assert_int_equal (lone_runs (f), 0);
+    check_lookups (f);
+
+    /*  A restart without a checkpoint: the run since is in no group
+        (asked on its own); every key is still found. */
+    txn_round (f, f->t.l0_max, true);
+    dx_writer_destroy (&f->w);
+    assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+    for (int i = 0; i < 4; i++)
+        txn_round (f, 16, true);
+    assert_true (lone_runs (f) >= 2);       /* that run, the one since (and a merge's) */
+    check_lookups (f);
+    assert_int_equal (scan_verdict (f, &malformed), TLY_OK);
+
+    /*  A group's filter loses its bits: the scrubber says so. */
+    uint8_t *rec;
+    size_t size;
+    uint32_t id = first_group (f, &rec, &size);
+    uint8_t key[4] = { (uint8_t) (id >> 24), (uint8_t) (id >> 16), (uint8_t) (id >> 8),
+                       (uint8_t) id };
+    uint8_t *zeroed = calloc (1, size);
+    memcpy (zeroed, rec, 64);
+    group_put (f, key, 4, zeroed, size);
+    assert_int_equal (scan_verdict (f, &malformed), TLY_ECORRUPT);
+    group_put (f, key, 4, rec, size);
+    assert_int_equal (scan_verdict (f, &malformed), TLY_OK);
+    /*  A record that does not parse: ignored by lookups, reported by the
+        scrubber, deleted by the next writer. */
+    group_put (f, "zz", 2, rec, size);
+    assert_int_equal (scan_verdict (f, &malformed), TLY_ECORRUPT);
+    assert_int_equal (malformed, 1);
+    check_lookups (f);
+    dx_writer_destroy (&f->w);
+    assert_int_equal (dx_writer_new (&f->t, &f->w), TLY_OK);
+    txn_round (f, 16, true);
+    assert_int_equal (scan_verdict (f, &malformed), TLY_OK);
+    assert_int_equal (malformed, 0);
+    free (zeroed);
+    free (rec);
+}
+
 int
 main (void)
 {
@@ -1018,6 +1237,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_dedup_resume_checks_count, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_merge_bad_input, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_map_full, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_groups, setup, teardown),
     };
     return cmocka_run_group_tests (tests, NULL, NULL);
 }

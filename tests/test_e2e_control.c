@@ -439,6 +439,8 @@ test_children_and_status (void **state)
     assert_int_equal (e2e_len (&fx.r.body, "index.tiers"), 0);
     assert_true (e2e_uint (&fx.r.body, "index.in_runs", &in_runs) && in_runs == 0);
     assert_true (e2e_uint (&fx.r.body, "index.in_l0", &in_l0) && in_l0 == 10);
+    assert_true (e2e_uint (&fx.r.body, "index.groups", &v) && v == 0);
+    assert_true (e2e_uint (&fx.r.body, "index.lone", &v) && v == 0);
     assert_true (e2e_uint (&fx.r.body, "uptime", &v));
     assert_true (e2e_bool (&fx.r.body, "verification.ok", &ok) && ok);
     uint64_t at2 = 0;

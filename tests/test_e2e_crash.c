@@ -759,9 +759,10 @@ swap_dedup_seqs (e2e_server *srv)
 }
 
 //  Status shows the index: its runs, per tier, and the entries whose keys
-//  they hold, the rest in L0.
+//  they hold, the rest in L0; the groups of runs stored and the runs in
+//  none (none after a clean stop: tallyd stores the groups filling).
 static void
-expect_index_shape (e2e_server *srv)
+expect_index_shape (e2e_server *srv, bool after_clean_stop)
 {
     e2e_conn *ctl = e2e_conn_new (srv->control);
     assert_non_null (ctl);
@@ -785,6 +786,12 @@ expect_index_shape (e2e_server *srv)
         sum += n;
     }
     assert_int_equal (sum, runs);
+    uint64_t groups = 0, lone = 0;
+    assert_true (e2e_uint (&r.body, "index.groups", &groups));
+    assert_true (e2e_uint (&r.body, "index.lone", &lone));
+    assert_true (lone <= runs && groups <= runs - lone);
+    if (after_clean_stop)
+        assert_true (lone == 0 && groups >= 1);
     e2e_reply_free (&r);
     e2e_conn_destroy (&ctl);
 }
@@ -796,12 +803,13 @@ test_corrupt_dedup_record (void **state)
     (void) state;
     setenv ("TALLY_L0_MAX", "16", 1);           //  runs from the first events
     e2e_server *srv = live_clean ("dedup-cust", 200);
-    expect_index_shape (srv);
+    expect_index_shape (srv, false);
     assert_int_equal (e2e_server_stop (srv), 0);
     assert_true (swap_dedup_seqs (srv));
     srv->verify_interval = 1;
     assert_int_equal (e2e_server_start (srv), TLY_OK);
     unsetenv ("TALLY_L0_MAX");
+    expect_index_shape (srv, true);
     expect_detected (srv);
     assert_int_equal (e2e_server_destroy (&srv), 0);
     e2e_pass ();

@@ -18,6 +18,14 @@
                tier (u32; bit 16 set: the run is stored as blocks) ||
                table (u32: the N of run.N) || nblocks * 64 B of blocked
                Bloom filter (host byte order): one record per visible run
+      groups   group id (u32 big-endian) -> version 1 (u32) || tier (u32)
+               || nblocks (u32) || members named (u32, at most 8) || their
+               run ids (8 x u32) || keys in them (u64) || keys it was
+               sized for (u64) || nblocks * 64 B of blocked Bloom filter
+               (host byte order, as in blooms) holding every key of every
+               member: up to 8 runs of one tier, the ones its next merge
+               takes (an addition to format 9: a tallyd that does not know
+               it ignores it, and its runs are asked one by one)
       sths     tree_size (u64 key)             -> ts (u64) || root || sig (104 B)
                || seal: BLAKE2b-128 of tree_size (u64, host order) || the
                104 bytes (format 8; heads of earlier formats have none)
@@ -60,7 +68,17 @@
     of its own, in key order, so each table only receives appends.
     A key is visible in exactly one place (L0 or one visible run); a
     lookup asks L0, then each visible run newest first whose filter says
-    "maybe".  All of it happens in the writer's txns, so a crash or an
+    "maybe", and whose group's filter said "maybe" first if it is in one:
+    each group's block is read once per lookup, so a new key costs a cache
+    line per group and per lone run, not per run (19 runs, 4 groups at
+    50M entries).  A tier's runs fill a group as they are built (each key
+    goes into both filters); the group is stored when its eighth member is
+    published, and, still filling, when the writer checkpoints
+    (tly_writer_checkpoint: tallyd when it stops; the next writer leaves
+    it as it is, serving the runs it names, and starts a new group), and
+    deleted when none of the runs it names is visible.  After a crash the
+    runs published since the last checkpoint are in no group until
+    merged: slower, never wrong.  All of it happens in the writer's txns, so a crash or an
     abort leaves a consistent layout; a run half built at a crash goes on
     from where it stopped, once its table's keys are checked against its
     sources (a merge of large runs spans millions of events: a writer
@@ -72,11 +90,13 @@
     stays readable as such) only gets its new number, so that an older
     tallyd refuses it.  Data dirs of formats 1 to 4, and of formats above
     9, are refused.
-    A build's Bloom filter grows in memory that is not the map: for
+    A build's Bloom filter (and a group's filling) grows in memory that
+    is not the map: for
     filters of 4 MiB and more, a shared mapping of an unnamed file in the
     ledger's directory (so anonymous memory stays bounded whatever the
     index's size) where the file system reserves its blocks (ext4, XFS,
-    tmpfs) and the disk has room to spare, else the heap.
+    tmpfs) and the disk has room to spare, else the heap (a group's only
+    below 4 MiB: else it is not made).
 
     Every appended entry, its nodes, its dedup record and the commit's signed
     head land in one LMDB transaction, fsync'd before the commit returns:
@@ -86,9 +106,12 @@
     children, the root by the signed head, each head record by its seal
     (its signature and root only for the newest), visible dedup records by
     re-hashing the entry they name (L0 is not stored: it is re-derived
-    from the entries); each visible run's Bloom filter must
-    say "maybe" for every key of its run (a flipped bit there would hide a
-    key from lookups).  Records of runs being built or deleted are not
+    from the entries); each visible run's Bloom filter, and its group's,
+    must say "maybe" for every key of its run (a flipped bit there would
+    hide a key from lookups), and every group record must parse and name
+    runs of its own tier, each in no other group (one that does not is
+    ignored by lookups, reported by the scrubber and deleted by the next
+    writer: a group is only ever a shortcut).  Records of runs being built or deleted are not
     visible, so not checked; a finished build is checked by the next pass.
 
     Threads: one writer (the receipt actor) at a time; any number of
@@ -152,10 +175,12 @@ int tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uin
 void tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *in_runs,
                              uint64_t *probes);
 /*  The live runs of the dedup index in each tier: tiers[0 .. n) (runs of
-    tiers n and above are counted in tiers[n - 1]).  A lookup of a new key
-    reads one Bloom filter block per live run.  TLY_OK, or an error
+    tiers n and above are counted in tiers[n - 1]).  TLY_OK, or an error
     reading the index. */
 int tly_reader_dedup_tiers (tly_reader *self, uint32_t *tiers, size_t n);
+/*  The stored groups of runs that name a live run, and the live runs in
+    none: a lookup of a new key reads one block of each (see above). */
+int tly_reader_dedup_groups (tly_reader *self, size_t *groups, size_t *lone);
 /*  A tly_node_fn: ctx is the reader. */
 int tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32]);
 /*  Signed head stored for exactly tree_size (TLY_ENOTFOUND if no commit
@@ -231,6 +256,13 @@ int tly_writer_append_new (tly_writer *self, const uint8_t *leaf, size_t len,
     whatever it costs.  Commits do it a slice at a time instead; this is
     for tests and tools (compact, then abort: nothing changed). */
 int tly_writer_compact (tly_writer *self);
+/*  Outside a txn: stores what the dedup index holds in memory between
+    commits and a writer started later would otherwise do without (the
+    groups of runs still filling, see src/dedup.h: without them their
+    runs are asked one by one until merged), in a commit of its own that
+    signs the same tree again; no commit if there is nothing to store.
+    The receipt actor calls it when it stops. */
+int tly_writer_checkpoint (tly_writer *self, const uint8_t sk[TLY_SK_LEN], const char **why);
 /*  The dedup index's pending maintenance as of the last begin or commit:
     runs being built, and dead runs whose records are still to delete. */
 void tly_writer_dedup_backlog (tly_writer *self, size_t *builds, size_t *dead);
