@@ -771,7 +771,7 @@ tly_receipt_actor (tly_child_ctx *ctx, void *args)
     }
     /*  What the index holds only in memory, stored for the next start
         (a crash loses it: lookups are slower until merges catch up). */
-    if (status == 0 && (rc = tly_writer_checkpoint (self.writer, env->sk, &why)))
+    if (status == 0 && (rc = tly_writer_checkpoint (self.writer, &why)))
         tly_warn (WHO, "checkpoint at stop failed: %s (%s); nothing acknowledged is lost, "
                        "lookups are slower after the next start until merges catch up",
                   tly_strerror (rc), why);

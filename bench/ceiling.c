@@ -353,7 +353,7 @@ main (int argc, char **argv)
     }
     c.res.tree_after = tly_writer_next_seq (c.writer);
     /*  As tallyd does when it stops: the data dir is a big log S4-S6 start on. */
-    if (tly_writer_checkpoint (c.writer, c.sk, &why))
+    if (tly_writer_checkpoint (c.writer, &why))
         die ("checkpoint failed", why);
     c.res.data_bytes = bc_file_size (tly_store_data_path (c.store));
     bool clean = c.res.unexpected == 0 && c.res.conflict == 0

@@ -907,7 +907,7 @@ typedef struct dx_fill {
     uint64_t keys;                  /* in its published members */
     uint64_t planned;               /* those, and the build filling it now */
     uint64_t capacity;              /* keys it was sized for */
-    uint8_t *filter;                /* GROUP_HDR + nblocks * BLOOM_BLOCK */
+    uint8_t *filter;                /* nblocks * BLOOM_BLOCK (the record adds its header) */
     size_t map_len;
 } dx_fill;
 
@@ -1011,18 +1011,8 @@ slot_owned (const dx_writer *self, uint32_t slot)
     the groups filling, and those stored in this txn (kept in `fresh`).
     So nothing here reads a group record back after writing one. */
 
-static void
-fill_header (dx_fill *f)
-{
-    uint32_t hdr[4] = { GROUP_VERSION, f->tier, f->nblocks, f->n };
-    memcpy (f->filter, hdr, sizeof hdr);
-    memcpy (f->filter + 16, f->members, sizeof f->members);
-    memcpy (f->filter + 48, &f->keys, 8);
-    memcpy (f->filter + 56, &f->capacity, 8);
-}
-
 /*  Points the view at each filling group with members (in place of the
-    record it was taken up from, if any), and links the runs again. */
+    record a checkpoint stored of it, if any), and links the runs again. */
 static int
 view_attach (dx_writer *self)
 {
@@ -1041,7 +1031,7 @@ view_attach (dx_writer *self)
         }
         dx_group *grp = &view->groups[g];
         *grp = (dx_group) { .id = f->id, .tier = f->tier, .nblocks = f->nblocks, .n = f->n,
-                            .bits = f->filter + GROUP_HDR };
+                            .bits = f->filter };
         memcpy (grp->members, f->members, sizeof grp->members);
     }
     view_link (view);
@@ -1064,17 +1054,18 @@ fill_put (dx_writer *self, dx_fill *f)
     }
     uint8_t key[4];
     put_be32 (key, f->id);
-    fill_header (f);
     MDB_val k = { 4, key }, v = { GROUP_HDR + (size_t) nblocks * BLOOM_BLOCK, NULL };
     int rc = mdb_put (self->txn, self->t->groups, &k, &v, MDB_RESERVE);
     if (rc)
         return lmdb_err (rc);
     uint8_t *out = v.mv_data;
+    uint32_t hdr[4] = { GROUP_VERSION, f->tier, nblocks, f->n };
     uint64_t capacity = f->capacity / fold;
-    memcpy (out, f->filter, GROUP_HDR);
-    memcpy (out + 8, &nblocks, 4);
+    memcpy (out, hdr, sizeof hdr);
+    memcpy (out + 16, f->members, sizeof f->members);
+    memcpy (out + 48, &f->keys, 8);
     memcpy (out + 56, &capacity, 8);
-    const uint8_t *in = f->filter + GROUP_HDR;
+    const uint8_t *in = f->filter;
     for (uint32_t j = 0; j < nblocks; j++) {
         uint8_t *block = out + GROUP_HDR + (size_t) j * BLOOM_BLOCK;
         memcpy (block, in + (size_t) j * fold * BLOOM_BLOCK, BLOOM_BLOCK);
@@ -1125,7 +1116,7 @@ fill_join (dx_writer *self, unsigned tier, uint64_t total, uint32_t id)
         uint32_t nblocks = (bloom_nblocks (capacity) + DX_GROUP_MAX - 1) / DX_GROUP_MAX
                          * DX_GROUP_MAX;
         size_t map_len;
-        uint8_t *filter = filter_alloc (self->t, GROUP_HDR + (size_t) nblocks * BLOOM_BLOCK,
+        uint8_t *filter = filter_alloc (self->t, (size_t) nblocks * BLOOM_BLOCK,
                                         false, &map_len);
         if (!filter)
             return TLY_OK;
@@ -1586,7 +1577,7 @@ build_put (dx_writer *self, dx_build *b, const uint8_t key[TLY_DEDUP_LEN], uint6
     }
     bloom_add (b->filter + BLOOM_HDR, b->nblocks, key);
     if (b->fill)
-        bloom_add (b->fill->filter + GROUP_HDR, b->fill->nblocks, key);
+        bloom_add (b->fill->filter, b->fill->nblocks, key);
     memcpy (b->last, key, TLY_DEDUP_LEN);
     b->done++;
     changed (self);
@@ -1742,7 +1733,7 @@ refill_step (dx_writer *self, unsigned tier, uint64_t budget)
         }
         bloom_add (b->filter + BLOOM_HDR, b->nblocks, own.key);
         if (b->fill)
-            bloom_add (b->fill->filter + GROUP_HDR, b->fill->nblocks, own.key);
+            bloom_add (b->fill->filter, b->fill->nblocks, own.key);
         memcpy (b->refill_last, own.key, TLY_DEDUP_LEN);
         b->refilled++;
         changed (self);

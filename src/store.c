@@ -926,11 +926,10 @@ tly_writer_compact (tly_writer *self)
     return dx_writer_finish (self->dx);
 }
 
-static int writer_seal (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
-                        const char **why);
+static int writer_finish (tly_writer *self, int rc, const char **why);
 
 int
-tly_writer_checkpoint (tly_writer *self, const uint8_t sk[TLY_SK_LEN], const char **why)
+tly_writer_checkpoint (tly_writer *self, const char **why)
 {
     bool stored = false;
     int err = tly_writer_begin (self);
@@ -939,7 +938,8 @@ tly_writer_checkpoint (tly_writer *self, const uint8_t sk[TLY_SK_LEN], const cha
         return err;
     }
     /*  The commit's slice of maintenance first (a run it publishes joins
-        its group), then the groups as they are after it. */
+        its group), then the groups as they are after it.  The tree is
+        unchanged: its head stands, nothing is signed. */
     if ((err = dx_writer_maintain (self->dx, 0)) || (err = dx_writer_checkpoint (self->dx, &stored))
     ||  !stored) {
         if (err)
@@ -947,7 +947,7 @@ tly_writer_checkpoint (tly_writer *self, const uint8_t sk[TLY_SK_LEN], const cha
         tly_writer_abort (self);
         return err;
     }
-    return writer_seal (self, sk, NULL, why);
+    return writer_finish (self, 0, why);
 }
 
 void
@@ -973,18 +973,11 @@ tly_writer_commit (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth,
         tly_writer_abort (self);
         return err;
     }
-    return writer_seal (self, sk, sth, why);
-}
-
-/*  Signs the head of the txn's tree and commits. */
-static int
-writer_seal (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth, const char **why)
-{
     tly_sth head = { .tree_size = self->frontier.size, .ts = tly_now_ms () };
     if (head.ts < self->sth.ts)
         head.ts = self->sth.ts;     /* heads never go back in time */
     tly_frontier_root (&self->frontier, head.root);
-    int err = tly_sth_sign (&head, sk);
+    err = tly_sth_sign (&head, sk);
     if (err) {
         *why = "signing the tree head failed";
         tly_writer_abort (self);
@@ -997,7 +990,18 @@ writer_seal (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth, const
     sth_seal (head.tree_size, val, val + STH_VAL_LEN);
     MDB_val k = { 8, &head.tree_size }, v = { sizeof val, val };
     /*  A commit with no appends re-signs the same size: overwrite. */
-    int rc = mdb_put (self->txn, self->store->sths, &k, &v, 0);
+    if ((err = writer_finish (self, mdb_put (self->txn, self->store->sths, &k, &v, 0), why)))
+        return err;
+    self->sth = head;
+    if (sth)
+        *sth = head;
+    return TLY_OK;
+}
+
+/*  Commits the txn if rc (of its last put) is 0, else aborts it. */
+static int
+writer_finish (tly_writer *self, int rc, const char **why)
+{
     if (!rc)
         rc = mdb_txn_commit (self->txn);
     else
@@ -1010,9 +1014,6 @@ writer_seal (tly_writer *self, const uint8_t sk[TLY_SK_LEN], tly_sth *sth, const
         return rc == MDB_MAP_FULL ? TLY_ETOOLARGE : TLY_EIO;
     }
     self->committed = self->frontier;
-    self->sth = head;
-    if (sth)
-        *sth = head;
     return TLY_OK;
 }
 

@@ -260,9 +260,9 @@ int tly_writer_compact (tly_writer *self);
     commits and a writer started later would otherwise do without (the
     groups of runs still filling, see src/dedup.h: without them their
     runs are asked one by one until merged), in a commit of its own that
-    signs the same tree again; no commit if there is nothing to store.
-    The receipt actor calls it when it stops. */
-int tly_writer_checkpoint (tly_writer *self, const uint8_t sk[TLY_SK_LEN], const char **why);
+    leaves the tree and its signed head as they are; no commit if there
+    is nothing to store.  The receipt actor calls it when it stops. */
+int tly_writer_checkpoint (tly_writer *self, const char **why);
 /*  The dedup index's pending maintenance as of the last begin or commit:
     runs being built, and dead runs whose records are still to delete. */
 void tly_writer_dedup_backlog (tly_writer *self, size_t *builds, size_t *dead);
