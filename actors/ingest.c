@@ -52,6 +52,7 @@ typedef struct {
     tly_reader *reader;
     bool snapshot;                  /* reader begun for this burst */
     tly_nodecache *nodes;           /* proofs' reads of the upper levels */
+    tly_merkle_edge edge;           /* proofs' folds of the tree's right edge */
     slot_t *slots;
     uint32_t free_hint;
     uint32_t busy;
@@ -229,7 +230,7 @@ sth_for (ingest_t *self, uint64_t size, tly_sth *sth)
     memset (sth, 0, sizeof *sth);
     sth->tree_size = size;
     sth->ts = tly_now_ms ();
-    rc = tly_merkle_root (tly_nodecache_node, self->nodes, size, sth->root);
+    rc = tly_merkle_root (tly_nodecache_node, self->nodes, &self->edge, size, sth->root);
     return rc ? rc : tly_sth_sign (sth, self->env->sk);
 }
 
@@ -319,8 +320,8 @@ reply_proof (ingest_t *self, zmsg_t **env, const msgpack_object *id, bool consis
     size_t n;
     tly_sth sth;
     int rc = consistency
-           ? tly_merkle_consistency (tly_nodecache_node, self->nodes, a, b, path, &n)
-           : tly_merkle_inclusion (tly_nodecache_node, self->nodes, a, b, path, &n);
+           ? tly_merkle_consistency (tly_nodecache_node, self->nodes, &self->edge, a, b, path, &n)
+           : tly_merkle_inclusion (tly_nodecache_node, self->nodes, &self->edge, a, b, path, &n);
     if (!rc)
         rc = sth_for (self, b, &sth);
     if (rc) {

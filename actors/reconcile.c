@@ -334,7 +334,7 @@ check_sth_one (void *arg, const tly_sth *sth, tly_seal seal)
               (unsigned long long) sth->tree_size);
         return TLY_ECRYPTO;
     }
-    int rc = tly_merkle_root (tly_reader_node, self->reader, sth->tree_size, root);
+    int rc = tly_merkle_root (tly_reader_node, self->reader, NULL, sth->tree_size, root);
     if (rc || memcmp (root, sth->root, 32)) {
         fail (self, "the tree of size %llu does not match its signed head",
               (unsigned long long) sth->tree_size);

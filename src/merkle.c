@@ -58,15 +58,29 @@ tly_merkle_empty_root (uint8_t out[TLY_HASH_LEN])
 /*  MTH(D[a:b]) for a range that RFC 9162's recursion can produce: a is a
     multiple of the largest power of two <= b - a.  Folds the perfect
     subtrees of the range from the right, as the recursion would.
-    Reads popcount(b - a) nodes. */
+    Reads popcount(b - a) nodes, or none when edge holds the range: a
+    range that is not a perfect subtree ends the tree (b == n), and the
+    folds of its lower parts, met on the way, are the shorter ranges ending
+    at b, so each fold is kept in edge (if not NULL) as it is made. */
 static int
-range_hash (tly_node_fn *get, void *ctx, uint64_t a, uint64_t b,
+range_hash (tly_node_fn *get, void *ctx, tly_merkle_edge *edge, uint64_t a, uint64_t b,
             uint8_t out[TLY_HASH_LEN])
 {
     assert (a < b);
     uint64_t rest = b - a;
+    unsigned parts = (unsigned) __builtin_popcountll (rest);
+    if (parts == 1 || parts > 63)
+        edge = NULL;                        //  a stored node, or a range of 2^64 - 1
+    if (edge && edge->n != b) {
+        edge->n = b;
+        edge->have = 0;
+    }
+    if (edge && (edge->have >> parts & 1) && edge->start[parts] == a) {
+        memcpy (out, edge->fold[parts], TLY_HASH_LEN);
+        return TLY_OK;
+    }
     uint64_t end = b;
-    bool first = true;
+    unsigned folded = 0;
     while (rest) {
         unsigned level = lowest_bit (rest);
         uint64_t width = UINT64_C (1) << level;
@@ -76,24 +90,29 @@ range_hash (tly_node_fn *get, void *ctx, uint64_t a, uint64_t b,
         int rc = get (ctx, level, end >> level, h);
         if (rc != TLY_OK)
             return rc;
-        if (first)
+        if (folded++ == 0)
             memcpy (out, h, TLY_HASH_LEN);
         else
             tly_merkle_node_hash (h, out, out);
-        first = false;
+        if (edge && folded >= 2) {
+            memcpy (edge->fold[folded], out, TLY_HASH_LEN);
+            edge->start[folded] = end;
+            edge->have |= UINT64_C (1) << folded;
+        }
         rest &= rest - 1;
     }
     return TLY_OK;
 }
 
 int
-tly_merkle_root (tly_node_fn *get, void *ctx, uint64_t n, uint8_t out[TLY_HASH_LEN])
+tly_merkle_root (tly_node_fn *get, void *ctx, tly_merkle_edge *edge, uint64_t n,
+                 uint8_t out[TLY_HASH_LEN])
 {
     if (n == 0) {
         tly_merkle_empty_root (out);
         return TLY_OK;
     }
-    return range_hash (get, ctx, 0, n, out);
+    return range_hash (get, ctx, edge, 0, n, out);
 }
 
 /*  A planned path: the ranges whose MTHs make the path, in path order. */
@@ -104,13 +123,13 @@ typedef struct {
 } plan;
 
 static int
-plan_fill (const plan *p, tly_node_fn *get, void *ctx,
+plan_fill (const plan *p, tly_node_fn *get, void *ctx, tly_merkle_edge *edge,
            uint8_t path[][TLY_HASH_LEN], size_t *path_len)
 {
     if (p->len > TLY_PATH_MAX)
         return TLY_ETOOLARGE;
     for (size_t i = 0; i < p->len; i++) {
-        int rc = range_hash (get, ctx, p->a[i], p->b[i], path[i]);
+        int rc = range_hash (get, ctx, edge, p->a[i], p->b[i], path[i]);
         if (rc != TLY_OK)
             return rc;
     }
@@ -119,8 +138,8 @@ plan_fill (const plan *p, tly_node_fn *get, void *ctx,
 }
 
 int
-tly_merkle_inclusion (tly_node_fn *get, void *ctx, uint64_t m, uint64_t n,
-                      uint8_t path[][TLY_HASH_LEN], size_t *path_len)
+tly_merkle_inclusion (tly_node_fn *get, void *ctx, tly_merkle_edge *edge,
+                      uint64_t m, uint64_t n, uint8_t path[][TLY_HASH_LEN], size_t *path_len)
 {
     if (m >= n)
         return TLY_EINVAL;
@@ -151,12 +170,12 @@ tly_merkle_inclusion (tly_node_fn *get, void *ctx, uint64_t m, uint64_t n,
         p.a[i] = sib_a[depth - 1 - i];
         p.b[i] = sib_b[depth - 1 - i];
     }
-    return plan_fill (&p, get, ctx, path, path_len);
+    return plan_fill (&p, get, ctx, edge, path, path_len);
 }
 
 int
-tly_merkle_consistency (tly_node_fn *get, void *ctx, uint64_t m, uint64_t n,
-                        uint8_t path[][TLY_HASH_LEN], size_t *path_len)
+tly_merkle_consistency (tly_node_fn *get, void *ctx, tly_merkle_edge *edge,
+                        uint64_t m, uint64_t n, uint8_t path[][TLY_HASH_LEN], size_t *path_len)
 {
     if (m == 0 || m > n)
         return TLY_EINVAL;
@@ -198,7 +217,7 @@ tly_merkle_consistency (tly_node_fn *get, void *ctx, uint64_t m, uint64_t n,
         p.b[p.len] = sib_b[depth - 1 - i];
         p.len++;
     }
-    return plan_fill (&p, get, ctx, path, path_len);
+    return plan_fill (&p, get, ctx, edge, path, path_len);
 }
 
 int

@@ -69,7 +69,7 @@ sth_make (mem_tree *t, uint64_t size, tly_sth *sth)
     memset (sth, 0, sizeof *sth);
     sth->tree_size = size;
     sth->ts = 1700000000000 + size;
-    assert_int_equal (tly_merkle_root (mem_node, t, size, sth->root), TLY_OK);
+    assert_int_equal (tly_merkle_root (mem_node, t, NULL, size, sth->root), TLY_OK);
     assert_int_equal (tly_sth_sign (sth, test_sk), TLY_OK);
     t->n = saved;
 }
@@ -82,7 +82,7 @@ inclusion_make (mem_tree *t, uint64_t m, uint64_t n, tly_proof *p)
     p->tree_size = n;
     uint64_t saved = t->n;
     t->n = n;
-    assert_int_equal (tly_merkle_inclusion (mem_node, t, m, n, p->path, &p->path_len),
+    assert_int_equal (tly_merkle_inclusion (mem_node, t, NULL, m, n, p->path, &p->path_len),
                       TLY_OK);
     t->n = saved;
     sth_make (t, n, &p->sth);
@@ -96,7 +96,7 @@ consistency_make (mem_tree *t, uint64_t m, uint64_t n, tly_proof *p)
     p->tree_size = n;
     uint64_t saved = t->n;
     t->n = n;
-    assert_int_equal (tly_merkle_consistency (mem_node, t, m, n, p->path, &p->path_len),
+    assert_int_equal (tly_merkle_consistency (mem_node, t, NULL, m, n, p->path, &p->path_len),
                       TLY_OK);
     t->n = saved;
     sth_make (t, n, &p->sth);

@@ -123,6 +123,7 @@ static size_t s_emits;
 typedef struct {
     uint64_t size;          //  reads beyond this tree size are a bug
     size_t reads;
+    size_t fail_at;         //  if not 0: that read fails with TLY_EIO
 } table_ctx;
 
 static int
@@ -142,7 +143,8 @@ static int
 table_get (void *ctx, unsigned level, uint64_t index, uint8_t out[32])
 {
     table_ctx *t = ctx;
-    t->reads++;
+    if (++t->reads == t->fail_at)
+        return TLY_EIO;
     if (level >= LEVELS || index >= LEAVES || !s_have[level][index]
     ||  index >= (t->size >> level))
         return TLY_ENOTFOUND;
@@ -265,7 +267,7 @@ test_known_answers (void **state)
         tly_frontier_root (&f, h);
         assert_hex (h, kat_root[i]);
         t.size = (uint64_t) i + 1;
-        assert_int_equal (tly_merkle_root (kat_get, &t, t.size, h), TLY_OK);
+        assert_int_equal (tly_merkle_root (kat_get, &t, NULL, t.size, h), TLY_OK);
         assert_hex (h, kat_root[i]);
     }
 
@@ -284,7 +286,7 @@ test_known_answers (void **state)
         hash_t path[TLY_PATH_MAX], root;
         size_t len = 99;
         t.size = inc[v].n;
-        assert_int_equal (tly_merkle_inclusion (kat_get, &t, inc[v].m, inc[v].n, path, &len), TLY_OK);
+        assert_int_equal (tly_merkle_inclusion (kat_get, &t, NULL, inc[v].m, inc[v].n, path, &len), TLY_OK);
         assert_int_equal (len, inc[v].len);
         for (size_t i = 0; i < len; i++)
             assert_hex (path[i], inc[v].p[i]);
@@ -310,7 +312,7 @@ test_known_answers (void **state)
     for (size_t v = 0; v < sizeof con / sizeof con[0]; v++) {
         hash_t path[TLY_PATH_MAX], r1, r2;
         size_t len = 99;
-        assert_int_equal (tly_merkle_consistency (kat_get, &t, con[v].m, con[v].n, path, &len), TLY_OK);
+        assert_int_equal (tly_merkle_consistency (kat_get, &t, NULL, con[v].m, con[v].n, path, &len), TLY_OK);
         assert_int_equal (len, con[v].len);
         for (size_t i = 0; i < len; i++)
             assert_hex (path[i], con[v].p[i]);
@@ -348,7 +350,7 @@ test_roots_and_frontier (void **state)
         assert_memory_equal (h, s_root[n], 32);
 
         table_ctx t = { .size = n };
-        assert_int_equal (tly_merkle_root (table_get, &t, n, h), TLY_OK);
+        assert_int_equal (tly_merkle_root (table_get, &t, NULL, n, h), TLY_OK);
         assert_memory_equal (h, s_root[n], 32);
         assert_true (t.reads == (size_t) __builtin_popcountll (n));
 
@@ -419,16 +421,16 @@ test_frontier_errors (void **state)
         assert_int_equal (tly_frontier_load (&f, failing_get, &left, 7), TLY_EIO);
         assert_int_equal (f.size, 0);
         left = ok;
-        assert_int_equal (tly_merkle_root (failing_get, &left, 7, h), TLY_EIO);
+        assert_int_equal (tly_merkle_root (failing_get, &left, NULL, 7, h), TLY_EIO);
         hash_t path[TLY_PATH_MAX];
         size_t len;
         left = ok;
-        assert_int_equal (tly_merkle_inclusion (failing_get, &left, 2, 7, path, &len), TLY_EIO);
+        assert_int_equal (tly_merkle_inclusion (failing_get, &left, NULL, 2, 7, path, &len), TLY_EIO);
         left = ok;
-        assert_int_equal (tly_merkle_consistency (failing_get, &left, 3, 7, path, &len), TLY_EIO);
+        assert_int_equal (tly_merkle_consistency (failing_get, &left, NULL, 3, 7, path, &len), TLY_EIO);
     }
     table_ctx t = { .size = 5 };
-    assert_int_equal (tly_merkle_root (table_get, &t, 9, h), TLY_ENOTFOUND);
+    assert_int_equal (tly_merkle_root (table_get, &t, NULL, 9, h), TLY_ENOTFOUND);
 }
 
 /* ---- inclusion, every (m, n) ---- */
@@ -451,7 +453,7 @@ test_inclusion_all (void **state)
             size_t want_len, len;
             bf_path (m, 0, n, want, &want_len);
             table_ctx t = { .size = n };
-            assert_int_equal (tly_merkle_inclusion (table_get, &t, m, n, path, &len), TLY_OK);
+            assert_int_equal (tly_merkle_inclusion (table_get, &t, NULL, m, n, path, &len), TLY_OK);
             assert_int_equal (len, want_len);
             assert_memory_equal (path, want, len * 32);
             assert_true (t.reads <= 2 * 8);
@@ -507,8 +509,8 @@ test_inclusion_all (void **state)
     hash_t path[TLY_PATH_MAX];
     size_t len;
     table_ctx t = { .size = 4 };
-    assert_int_equal (tly_merkle_inclusion (table_get, &t, 4, 4, path, &len), TLY_EINVAL);
-    assert_int_equal (tly_merkle_inclusion (table_get, &t, 0, 0, path, &len), TLY_EINVAL);
+    assert_int_equal (tly_merkle_inclusion (table_get, &t, NULL, 4, 4, path, &len), TLY_EINVAL);
+    assert_int_equal (tly_merkle_inclusion (table_get, &t, NULL, 0, 0, path, &len), TLY_EINVAL);
     assert_int_equal (verify_inc (s_leaf_hash[0], 0, 0, path, 0, s_root[0]), TLY_EINVAL);
 }
 
@@ -532,7 +534,7 @@ test_consistency_all (void **state)
             size_t want_len, len;
             bf_subproof (m, 0, n, true, want, &want_len);
             table_ctx t = { .size = n };
-            assert_int_equal (tly_merkle_consistency (table_get, &t, m, n, path, &len), TLY_OK);
+            assert_int_equal (tly_merkle_consistency (table_get, &t, NULL, m, n, path, &len), TLY_OK);
             assert_int_equal (len, want_len);
             assert_memory_equal (path, want, len * 32);
             assert_true (t.reads <= 2 * 8 + 1);
@@ -593,10 +595,76 @@ test_consistency_all (void **state)
     hash_t path[TLY_PATH_MAX];
     size_t len;
     table_ctx t = { .size = 4 };
-    assert_int_equal (tly_merkle_consistency (table_get, &t, 0, 4, path, &len), TLY_EINVAL);
-    assert_int_equal (tly_merkle_consistency (table_get, &t, 5, 4, path, &len), TLY_EINVAL);
+    assert_int_equal (tly_merkle_consistency (table_get, &t, NULL, 0, 4, path, &len), TLY_EINVAL);
+    assert_int_equal (tly_merkle_consistency (table_get, &t, NULL, 5, 4, path, &len), TLY_EINVAL);
     assert_int_equal (verify_con (0, 4, s_root[0], s_root[4], path, 0), TLY_EINVAL);
     assert_int_equal (verify_con (5, 4, s_root[5], s_root[4], path, 0), TLY_EINVAL);
+}
+
+/* ---- the right edge, kept between calls ---- */
+
+//  One tly_merkle_edge lent to every call while the tree size changes from
+//  call to call: every answer is the brute force's, and once a size's edge
+//  is folded its ranges cost no reads (a root, then each path element at
+//  most one read).
+static void
+test_edge_kept (void **state)
+{
+    (void) state;
+    tly_merkle_edge edge;
+    memset (&edge, 0, sizeof edge);
+    size_t saved = 0;
+    for (uint64_t m = 0; m < N_MAX; m++)
+        for (uint64_t n = m + 1; n <= N_MAX; n++) {
+            hash_t want[TLY_PATH_MAX], path[TLY_PATH_MAX + 1], h;
+            size_t want_len, len;
+            table_ctx t = { .size = n };
+            bf_path (m, 0, n, want, &want_len);
+            assert_int_equal (tly_merkle_inclusion (table_get, &t, &edge, m, n, path, &len), TLY_OK);
+            assert_int_equal (len, want_len);
+            assert_memory_equal (path, want, len * 32);
+
+            assert_int_equal (tly_merkle_root (table_get, &t, &edge, n, h), TLY_OK);
+            assert_memory_equal (h, s_root[n], 32);
+            t.reads = 0;
+            assert_int_equal (tly_merkle_root (table_get, &t, &edge, n, h), TLY_OK);
+            assert_memory_equal (h, s_root[n], 32);
+            assert_true (t.reads == (__builtin_popcountll (n) == 1));
+
+            t.reads = 0;
+            assert_int_equal (tly_merkle_inclusion (table_get, &t, &edge, m, n, path, &len), TLY_OK);
+            assert_memory_equal (path, want, len * 32);
+            assert_true (t.reads <= len);
+            table_ctx plain = { .size = n };
+            assert_int_equal (tly_merkle_inclusion (table_get, &plain, NULL, m, n, path, &len),
+                              TLY_OK);
+            saved += plain.reads - t.reads;
+
+            uint64_t old = m + 1;
+            bf_subproof (old, 0, n, true, want, &want_len);
+            t.reads = 0;
+            assert_int_equal (tly_merkle_consistency (table_get, &t, &edge, old, n, path, &len),
+                              TLY_OK);
+            assert_int_equal (len, want_len);
+            assert_memory_equal (path, want, len * 32);
+            assert_true (t.reads <= len);
+        }
+    assert_true (saved > 0);
+
+    //  A read that fails half way through a fold leaves only folds that
+    //  were made of what was read: the next call with the data there is
+    //  right.
+    for (size_t ok = 0; ok < 5; ok++) {          //  103 = 64 + 32 + 4 + 2 + 1
+        memset (&edge, 0, sizeof edge);
+        hash_t h;
+        table_ctx t = { .size = 103, .fail_at = ok + 1 };
+        assert_int_equal (tly_merkle_root (table_get, &t, &edge, 103, h), TLY_EIO);
+        t.fail_at = 0;
+        assert_int_equal (tly_merkle_root (table_get, &t, &edge, 103, h), TLY_OK);
+        assert_memory_equal (h, s_root[103], 32);
+        assert_int_equal (tly_merkle_root (table_get, &t, &edge, 103, h), TLY_OK);
+        assert_memory_equal (h, s_root[103], 32);
+    }
 }
 
 /* ---- huge trees: read counts, and 64-bit edges ---- */
@@ -630,22 +698,32 @@ rng (uint64_t *s)
     return *s;
 }
 
+static tly_merkle_edge s_edge;       //  lent to every size in turn
+
 static void
 check_big (uint64_t m, uint64_t n, size_t *max_reads)
 {
     hash_t root, r1, path[TLY_PATH_MAX];
     size_t len;
     uniform_ctx u = { .size = n };
-    assert_int_equal (tly_merkle_root (uniform_get, &u, n, root), TLY_OK);
+    assert_int_equal (tly_merkle_root (uniform_get, &u, NULL, n, root), TLY_OK);
     assert_true (u.reads <= 64);
+    assert_int_equal (tly_merkle_root (uniform_get, &u, &s_edge, n, r1), TLY_OK);
+    assert_memory_equal (r1, root, 32);
     if (m < n) {
         u.reads = 0;
-        assert_int_equal (tly_merkle_inclusion (uniform_get, &u, m, n, path, &len), TLY_OK);
+        assert_int_equal (tly_merkle_inclusion (uniform_get, &u, NULL, m, n, path, &len), TLY_OK);
         assert_true (u.reads <= 3 * 64);
         if (u.reads > *max_reads)
             *max_reads = u.reads;
         assert_int_equal (tly_merkle_verify_inclusion (s_uniform[0], m, n,
                                                        (const uint8_t (*)[32]) path, len, root), TLY_OK);
+        hash_t kept[TLY_PATH_MAX];
+        size_t kept_len;
+        assert_int_equal (tly_merkle_inclusion (uniform_get, &u, &s_edge, m, n, kept, &kept_len),
+                          TLY_OK);
+        assert_int_equal (kept_len, len);
+        assert_memory_equal (kept, path, len * 32);
         if (len) {
             path[len / 2][3] ^= 8;
             assert_int_equal (tly_merkle_verify_inclusion (s_uniform[0], m, n,
@@ -655,10 +733,10 @@ check_big (uint64_t m, uint64_t n, size_t *max_reads)
     }
     if (m > 0 && n <= (UINT64_C (1) << 63)) {
         u.size = m;
-        assert_int_equal (tly_merkle_root (uniform_get, &u, m, r1), TLY_OK);
+        assert_int_equal (tly_merkle_root (uniform_get, &u, NULL, m, r1), TLY_OK);
         u.size = n;
         u.reads = 0;
-        assert_int_equal (tly_merkle_consistency (uniform_get, &u, m, n, path, &len), TLY_OK);
+        assert_int_equal (tly_merkle_consistency (uniform_get, &u, NULL, m, n, path, &len), TLY_OK);
         assert_true (u.reads <= 3 * 64);
         if (u.reads > *max_reads)
             *max_reads = u.reads;
@@ -706,7 +784,7 @@ test_big_trees (void **state)
     hash_t path[TLY_PATH_MAX];
     size_t len;
     uniform_ctx u = { .size = UINT64_MAX };
-    assert_int_equal (tly_merkle_consistency (uniform_get, &u, 3, UINT64_MAX, path, &len),
+    assert_int_equal (tly_merkle_consistency (uniform_get, &u, NULL, 3, UINT64_MAX, path, &len),
                       TLY_ETOOLARGE);
 }
 
@@ -719,6 +797,7 @@ main (void)
         cmocka_unit_test (test_frontier_errors),
         cmocka_unit_test (test_inclusion_all),
         cmocka_unit_test (test_consistency_all),
+        cmocka_unit_test (test_edge_kept),
         cmocka_unit_test (test_big_trees),
     };
     return cmocka_run_group_tests (tests, setup, NULL);

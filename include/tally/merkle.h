@@ -7,7 +7,8 @@
     covers leaves [index * 2^level, (index + 1) * 2^level).  Level 0 holds the
     leaf hashes.  From these any historical root, inclusion path or
     consistency path is computed with O(log n) node reads, through a
-    caller-supplied tly_node_fn.  Pure functions, no state, any thread.
+    caller-supplied tly_node_fn.  No state of their own (a caller may lend
+    them a tly_merkle_edge), any thread.
 */
 #ifndef TALLY_MERKLE_H
 #define TALLY_MERKLE_H
@@ -30,22 +31,42 @@ void tly_merkle_node_hash (const uint8_t left[TLY_HASH_LEN],
                            uint8_t out[TLY_HASH_LEN]);
 void tly_merkle_empty_root (uint8_t out[TLY_HASH_LEN]);
 
+/*  Hashes of the right edge of one tree, kept between calls.  A range
+    that RFC 9162's recursions over a tree of size n produce and that is not
+    a perfect subtree always ends at n, and there are at most 63 of them
+    (one per set bit of n but the highest); each costs up to 63 node reads
+    and as many node hashes to fold.  Pass the same tly_merkle_edge to every
+    call for trees of one size and each is folded once; a call for another
+    size starts it over.  Zero it before its first use.  It is trusted like
+    any cache of the node function's answers: never put one in front of a
+    reader whose job is to re-read stored bytes (the scrubber).  The
+    functions below take NULL to fold every time. */
+typedef struct {
+    uint64_t n;                     /* the tree's size; 0: holds nothing */
+    uint64_t have;                  /* bit j: fold[j] is valid */
+    uint64_t start[64];             /* fold[j] is MTH(D[start[j]:n]) ... */
+    uint8_t fold[64][TLY_HASH_LEN]; /* ... with popcount (n - start[j]) == j */
+} tly_merkle_edge;
+
 /*  MTH(D[0:n]); n == 0 gives the empty root.  At most 64 node reads.
     Errors from `get` are returned unchanged. */
-int tly_merkle_root (tly_node_fn *get, void *ctx, uint64_t n, uint8_t out[TLY_HASH_LEN]);
+int tly_merkle_root (tly_node_fn *get, void *ctx, tly_merkle_edge *edge, uint64_t n,
+                     uint8_t out[TLY_HASH_LEN]);
 
 /*  PATH(m, D[0:n]) of RFC 9162 2.1.3.1, for m < n (else TLY_EINVAL),
     leaf's sibling first.  `path` must have room for TLY_PATH_MAX hashes;
     *path_len gets the count.  At most 128 node reads.  On error `path` and
     *path_len are unspecified; errors from `get` are returned unchanged. */
-int tly_merkle_inclusion (tly_node_fn *get, void *ctx, uint64_t m, uint64_t n,
+int tly_merkle_inclusion (tly_node_fn *get, void *ctx, tly_merkle_edge *edge,
+                          uint64_t m, uint64_t n,
                           uint8_t path[][TLY_HASH_LEN], size_t *path_len);
 
 /*  PROOF(m, D[0:n]) of RFC 9162 2.1.4.1, for 0 < m <= n (else TLY_EINVAL);
     m == n gives the empty path.  Same rules for `path` as above;
     TLY_ETOOLARGE if the proof would exceed TLY_PATH_MAX hashes (only for
     n > 2^63).  At most 129 node reads. */
-int tly_merkle_consistency (tly_node_fn *get, void *ctx, uint64_t m, uint64_t n,
+int tly_merkle_consistency (tly_node_fn *get, void *ctx, tly_merkle_edge *edge,
+                            uint64_t m, uint64_t n,
                             uint8_t path[][TLY_HASH_LEN], size_t *path_len);
 
 /*  RFC 9162 2.1.3.2: TLY_OK when the path proves `leaf_hash` is leaf m of
