@@ -27,7 +27,7 @@
 #define SLOT_TTL_MS 120000          /* a client has long given up by then */
 #define DRAIN_MS 5000
 #define BURST 256                   /* requests read per wake-up at most */
-#define NODE_CACHE_LOG2 17          /* 128k nodes, 5 MiB: the upper levels of ~30M leaves */
+#define NODE_CACHE_LOG2 20          /* 1M nodes, 40 MiB: levels >= 6 of 10M leaves, >= 8 of 50M */
 
 typedef enum { SLOT_FREE, SLOT_INGEST, SLOT_QUOTA } slot_kind;
 
