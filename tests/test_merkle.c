@@ -286,7 +286,8 @@ test_known_answers (void **state)
         hash_t path[TLY_PATH_MAX], root;
         size_t len = 99;
         t.size = inc[v].n;
-        assert_int_equal (tly_merkle_inclusion (kat_get, &t, NULL, inc[v].m, inc[v].n, path, &len), TLY_OK);
+        assert_int_equal (tly_merkle_inclusion (kat_get, &t, NULL, inc[v].m, inc[v].n, path, &len),
+                          TLY_OK);
         assert_int_equal (len, inc[v].len);
         for (size_t i = 0; i < len; i++)
             assert_hex (path[i], inc[v].p[i]);
@@ -312,7 +313,8 @@ test_known_answers (void **state)
     for (size_t v = 0; v < sizeof con / sizeof con[0]; v++) {
         hash_t path[TLY_PATH_MAX], r1, r2;
         size_t len = 99;
-        assert_int_equal (tly_merkle_consistency (kat_get, &t, NULL, con[v].m, con[v].n, path, &len), TLY_OK);
+        assert_int_equal (tly_merkle_consistency (kat_get, &t, NULL, con[v].m, con[v].n, path,
+                                                  &len), TLY_OK);
         assert_int_equal (len, con[v].len);
         for (size_t i = 0; i < len; i++)
             assert_hex (path[i], con[v].p[i]);
@@ -425,9 +427,11 @@ test_frontier_errors (void **state)
         hash_t path[TLY_PATH_MAX];
         size_t len;
         left = ok;
-        assert_int_equal (tly_merkle_inclusion (failing_get, &left, NULL, 2, 7, path, &len), TLY_EIO);
+        assert_int_equal (tly_merkle_inclusion (failing_get, &left, NULL, 2, 7, path, &len),
+                          TLY_EIO);
         left = ok;
-        assert_int_equal (tly_merkle_consistency (failing_get, &left, NULL, 3, 7, path, &len), TLY_EIO);
+        assert_int_equal (tly_merkle_consistency (failing_get, &left, NULL, 3, 7, path, &len),
+                          TLY_EIO);
     }
     table_ctx t = { .size = 5 };
     assert_int_equal (tly_merkle_root (table_get, &t, NULL, 9, h), TLY_ENOTFOUND);
@@ -534,7 +538,8 @@ test_consistency_all (void **state)
             size_t want_len, len;
             bf_subproof (m, 0, n, true, want, &want_len);
             table_ctx t = { .size = n };
-            assert_int_equal (tly_merkle_consistency (table_get, &t, NULL, m, n, path, &len), TLY_OK);
+            assert_int_equal (tly_merkle_consistency (table_get, &t, NULL, m, n, path, &len),
+                              TLY_OK);
             assert_int_equal (len, want_len);
             assert_memory_equal (path, want, len * 32);
             assert_true (t.reads <= 2 * 8 + 1);
@@ -620,7 +625,8 @@ test_edge_kept (void **state)
             size_t want_len, len;
             table_ctx t = { .size = n };
             bf_path (m, 0, n, want, &want_len);
-            assert_int_equal (tly_merkle_inclusion (table_get, &t, &edge, m, n, path, &len), TLY_OK);
+            assert_int_equal (tly_merkle_inclusion (table_get, &t, &edge, m, n, path, &len),
+                              TLY_OK);
             assert_int_equal (len, want_len);
             assert_memory_equal (path, want, len * 32);
 
@@ -632,7 +638,8 @@ test_edge_kept (void **state)
             assert_true (t.reads == (__builtin_popcountll (n) == 1));
 
             t.reads = 0;
-            assert_int_equal (tly_merkle_inclusion (table_get, &t, &edge, m, n, path, &len), TLY_OK);
+            assert_int_equal (tly_merkle_inclusion (table_get, &t, &edge, m, n, path, &len),
+                              TLY_OK);
             assert_memory_equal (path, want, len * 32);
             assert_true (t.reads <= len);
             table_ctx plain = { .size = n };
@@ -652,14 +659,23 @@ test_edge_kept (void **state)
     assert_true (saved > 0);
 
     //  A read that fails half way through a fold leaves only folds that
-    //  were made of what was read: the next call with the data there is
-    //  right.
+    //  were made of what was read: the proofs that use the shorter folds
+    //  (every leaf's sibling on the edge) and then the root are right.
     for (size_t ok = 0; ok < 5; ok++) {          //  103 = 64 + 32 + 4 + 2 + 1
         memset (&edge, 0, sizeof edge);
         hash_t h;
         table_ctx t = { .size = 103, .fail_at = ok + 1 };
         assert_int_equal (tly_merkle_root (table_get, &t, &edge, 103, h), TLY_EIO);
         t.fail_at = 0;
+        for (uint64_t m = 0; m < 103; m++) {
+            hash_t want[TLY_PATH_MAX], path[TLY_PATH_MAX + 1];
+            size_t want_len, len;
+            bf_path (m, 0, 103, want, &want_len);
+            assert_int_equal (tly_merkle_inclusion (table_get, &t, &edge, m, 103, path, &len),
+                              TLY_OK);
+            assert_int_equal (len, want_len);
+            assert_memory_equal (path, want, len * 32);
+        }
         assert_int_equal (tly_merkle_root (table_get, &t, &edge, 103, h), TLY_OK);
         assert_memory_equal (h, s_root[103], 32);
         assert_int_equal (tly_merkle_root (table_get, &t, &edge, 103, h), TLY_OK);

@@ -130,13 +130,15 @@ test_proofs_unchanged (void **state)
         uint64_t n = 1 + (x >> 40) % 100000, m = (x >> 8) % n;
         src.size = direct.size = n;
         tly_nodecache_fit (c, src_get, &src, n);
-        assert_int_equal (tly_merkle_inclusion (tly_nodecache_node, c, NULL, m, n, p1, &n1), TLY_OK);
+        assert_int_equal (tly_merkle_inclusion (tly_nodecache_node, c, NULL, m, n, p1, &n1),
+                          TLY_OK);
         assert_int_equal (tly_merkle_inclusion (src_get, &direct, NULL, m, n, p2, &n2), TLY_OK);
         assert_int_equal (n1, n2);
         assert_memory_equal (p1, p2, n1 * TLY_HASH_LEN);
         assert_int_equal (tly_merkle_consistency (tly_nodecache_node, c, NULL, m + 1, n, p1, &n1),
                           TLY_OK);
-        assert_int_equal (tly_merkle_consistency (src_get, &direct, NULL, m + 1, n, p2, &n2), TLY_OK);
+        assert_int_equal (tly_merkle_consistency (src_get, &direct, NULL, m + 1, n, p2, &n2),
+                          TLY_OK);
         assert_int_equal (n1, n2);
         assert_memory_equal (p1, p2, n1 * TLY_HASH_LEN);
     }

@@ -100,7 +100,8 @@ test_append_commit_read (void **state)
         assert_int_equal (tly_reader_sth (r, heads[i].tree_size, &got), TLY_OK);
         assert_memory_equal (&got, &heads[i], sizeof got);
         /*  The stored nodes rebuild every historical root. */
-        assert_int_equal (tly_merkle_root (tly_reader_node, r, NULL, heads[i].tree_size, root), TLY_OK);
+        assert_int_equal (tly_merkle_root (tly_reader_node, r, NULL, heads[i].tree_size, root),
+                          TLY_OK);
         assert_memory_equal (root, heads[i].root, 32);
     }
     tly_sth latest;

@@ -7,8 +7,8 @@
     covers leaves [index * 2^level, (index + 1) * 2^level).  Level 0 holds the
     leaf hashes.  From these any historical root, inclusion path or
     consistency path is computed with O(log n) node reads, through a
-    caller-supplied tly_node_fn.  No state of their own (a caller may lend
-    them a tly_merkle_edge), any thread.
+    caller-supplied tly_node_fn.  No state of their own, any thread (a
+    tly_merkle_edge a caller lends them is that caller's: one per thread).
 */
 #ifndef TALLY_MERKLE_H
 #define TALLY_MERKLE_H
@@ -33,10 +33,11 @@ void tly_merkle_empty_root (uint8_t out[TLY_HASH_LEN]);
 
 /*  Hashes of the right edge of one tree, kept between calls.  A range
     that RFC 9162's recursions over a tree of size n produce and that is not
-    a perfect subtree always ends at n, and there are at most 63 of them
+    a perfect subtree always ends at n, and there are at most 62 of them
     (one per set bit of n but the highest); each costs up to 63 node reads
-    and as many node hashes to fold.  Pass the same tly_merkle_edge to every
-    call for trees of one size and each is folded once; a call for another
+    and 62 node hashes to fold.  Lend the same tly_merkle_edge to every call
+    over one log's trees (it does not record which node function filled
+    it) and each range of a size is folded once; folding a range of another
     size starts it over.  Zero it before its first use.  It is trusted like
     any cache of the node function's answers: never put one in front of a
     reader whose job is to re-read stored bytes (the scrubber).  The
