@@ -124,11 +124,24 @@ pg_stop () {
 }
 trap pg_stop EXIT INT TERM
 
+# Before each run, what earlier runs left to write is written: PostgreSQL's
+# dirty buffers (CHECKPOINT, which also restarts its checkpoint timer) and
+# the page cache's dirty pages (sync; the kernel would write them back up to
+# 30 s later), so no system's deferred writes land in another's run.
+settle () {
+    if [ -n "$PGDIR" ]; then
+        "$PG_BIN/psql" -q -X -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres \
+            -c CHECKPOINT >/dev/null 2>&1 || log "CHECKPOINT before the run failed"
+    fi
+    sync
+}
+
 # The machine may be shared: before each run, wait (up to QUIET_WAIT seconds,
 # default 120) until other processes use less than 15% of a core, so runs
 # start on a quiet machine; every result also records what others used.
 busy_ticks () { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
 wait_quiet () {
+    settle
     local deadline=$(( $(date +%s) + ${QUIET_WAIT:-120} )) hz
     hz=$(getconf CLK_TCK)
     while [ "$(date +%s)" -lt "$deadline" ]; do
