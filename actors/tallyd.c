@@ -323,49 +323,43 @@ pack_verification (control_t *c, msgpack_packer *pk)
 /*  The idempotency index's shape: runs per tier (up to the highest in
     use), the entries whose keys they hold, and those in L0 (memory); nil
     if it could not be read (the scrubber's verification says why). */
-#define STATUS_TIERS 10
-
 static void
-pack_index (msgpack_packer *pk, bool ok, uint64_t size, size_t runs, uint64_t in_runs,
-            const uint32_t tiers[STATUS_TIERS], size_t groups, size_t lone)
+pack_index (msgpack_packer *pk, bool ok, uint64_t size, const tly_dedup_shape *shape)
 {
     if (!ok) {
         msgpack_pack_nil (pk);
         return;
     }
-    size_t used = STATUS_TIERS;
-    while (used > 0 && tiers[used - 1] == 0)
+    size_t used = TLY_DEDUP_TIERS;
+    while (used > 0 && shape->tiers[used - 1] == 0)
         used--;
     msgpack_pack_map (pk, 6);
     tly_pack_cstr (pk, "runs");
-    msgpack_pack_uint64 (pk, runs);
+    msgpack_pack_uint64 (pk, shape->runs);
     tly_pack_cstr (pk, "tiers");
     msgpack_pack_array (pk, (uint32_t) used);
     for (size_t i = 0; i < used; i++)
-        msgpack_pack_uint32 (pk, tiers[i]);
+        msgpack_pack_uint32 (pk, shape->tiers[i]);
     tly_pack_cstr (pk, "in_runs");
-    msgpack_pack_uint64 (pk, in_runs);
+    msgpack_pack_uint64 (pk, shape->in_runs);
     tly_pack_cstr (pk, "in_l0");
-    msgpack_pack_uint64 (pk, size >= in_runs ? size - in_runs : 0);
+    msgpack_pack_uint64 (pk, size >= shape->in_runs ? size - shape->in_runs : 0);
     tly_pack_cstr (pk, "groups");
-    msgpack_pack_uint64 (pk, groups);
+    msgpack_pack_uint64 (pk, shape->groups);
     tly_pack_cstr (pk, "lone");
-    msgpack_pack_uint64 (pk, lone);
+    msgpack_pack_uint64 (pk, shape->lone);
 }
 
 static void
 op_status (control_t *c, const msgpack_object *id)
 {
     ask_reconcile (c, "status", 2000);
-    uint64_t size = 0, in_runs = 0, probes;
-    size_t runs = 0, groups = 0, lone = 0;
-    uint32_t tiers[STATUS_TIERS] = { 0 };
+    uint64_t size = 0;
+    tly_dedup_shape shape;
     bool index = false;
     if (tly_reader_begin (c->reader) == 0) {
         size = tly_reader_size (c->reader);
-        index = tly_reader_dedup_tiers (c->reader, tiers, STATUS_TIERS) == TLY_OK
-             && tly_reader_dedup_groups (c->reader, &groups, &lone) == TLY_OK;
-        tly_reader_dedup_stats (c->reader, &runs, &in_runs, &probes);
+        index = tly_reader_dedup_shape (c->reader, &shape) == TLY_OK;
         tly_reader_end (c->reader);
     }
     const tly_sup_config *cfg = tly_sup_config_of (c->sup);
@@ -389,7 +383,7 @@ op_status (control_t *c, const msgpack_object *id)
     tly_pack_cstr (&pk, "verification");
     pack_verification (c, &pk);
     tly_pack_cstr (&pk, "index");
-    pack_index (&pk, index, size, runs, in_runs, tiers, groups, lone);
+    pack_index (&pk, index, size, &shape);
 }
 
 static void

@@ -587,38 +587,25 @@ tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_
     return rc ? rc : dx_lookup (&self->store->dx, self->txn, &self->view, dedup, seq);
 }
 
-void
-tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *in_runs, uint64_t *probes)
-{
-    bool loaded = reader_view (self) == TLY_OK;
-    *runs = loaded ? self->view.n : 0;
-    *in_runs = loaded ? self->view.covered : 0;
-    *probes = loaded ? self->view.probes : 0;
-}
+_Static_assert (TLY_DEDUP_TIERS == DX_TIERS, "store.h names the dedup index's tiers");
 
 int
-tly_reader_dedup_tiers (tly_reader *self, uint32_t *tiers, size_t n)
+tly_reader_dedup_shape (tly_reader *self, tly_dedup_shape *out)
 {
+    memset (out, 0, sizeof *out);
     int rc = reader_view (self);
-    if (rc || n == 0)
-        return rc;
-    memset (tiers, 0, n * sizeof *tiers);
-    for (size_t i = 0; i < self->view.n; i++)
-        tiers[self->view.runs[i].tier < n ? self->view.runs[i].tier : n - 1]++;
-    return TLY_OK;
-}
-
-int
-tly_reader_dedup_groups (tly_reader *self, size_t *groups, size_t *lone)
-{
-    int rc = reader_view (self);
-    *groups = *lone = 0;
     if (rc)
         return rc;
-    for (size_t g = 0; g < self->view.ng; g++)
-        *groups += self->view.groups[g].live > 0;
-    for (size_t i = 0; i < self->view.n; i++)
-        *lone += self->view.runs[i].group < 0;
+    const dx_view *view = &self->view;
+    out->runs = view->n;
+    out->in_runs = view->covered;
+    out->probes = view->probes;
+    for (size_t i = 0; i < view->n; i++) {
+        out->tiers[view->runs[i].tier]++;       /* < DX_TIERS: dx_view_load checks */
+        out->lone += view->runs[i].group < 0;
+    }
+    for (size_t g = 0; g < view->ng; g++)
+        out->groups += view->groups[g].live > 0;
     return TLY_OK;
 }
 

@@ -273,10 +273,10 @@ scan_all (tly_store *s, tly_reader *r, uint64_t n, size_t slice, uint64_t *visit
     uint8_t pos[TLY_DEDUP_POS_LEN];
     bool started = false, done = false;
     int rc = TLY_OK;
-    size_t runs;
-    uint64_t in_runs, probes;
+    tly_dedup_shape shape;
     assert_int_equal (tly_reader_begin (r), TLY_OK);
-    tly_reader_dedup_stats (r, &runs, &in_runs, &probes);
+    assert_int_equal (tly_reader_dedup_shape (r, &shape), TLY_OK);
+    uint64_t in_runs = shape.in_runs;
     assert_true (in_runs <= n);
     while (!done && !rc) {
         rc = tly_reader_dedup_scan (r, started ? pos : NULL, slice, scan_one, &c, pos, &done);
@@ -296,12 +296,11 @@ scan_all (tly_store *s, tly_reader *r, uint64_t n, size_t slice, uint64_t *visit
 static size_t
 live_runs (tly_reader *r)
 {
-    size_t runs;
-    uint64_t in_runs, probes;
+    tly_dedup_shape shape;
     assert_int_equal (tly_reader_begin (r), TLY_OK);
-    tly_reader_dedup_stats (r, &runs, &in_runs, &probes);
+    assert_int_equal (tly_reader_dedup_shape (r, &shape), TLY_OK);
     tly_reader_end (r);
-    return runs;
+    return shape.runs;
 }
 
 /*  The ledger's LMDB env opened directly (to damage it on purpose), with a
@@ -393,9 +392,10 @@ test_dedup_lsm (void **state)
         dedup_of (s, 'x', i, d);
         assert_int_equal (tly_reader_lookup (r, d, &seq), TLY_ENOTFOUND);
     }
-    size_t runs;
-    uint64_t in_runs, probes;
-    tly_reader_dedup_stats (r, &runs, &in_runs, &probes);
+    tly_dedup_shape shape;
+    assert_int_equal (tly_reader_dedup_shape (r, &shape), TLY_OK);
+    size_t runs = shape.runs;
+    uint64_t probes = shape.probes;
     double fp = (double) probes / ((double) absent * (double) runs);
     print_message ("dedup LSM: %zu runs (max %zu), false-positive rate per run %.4f\n",
                    runs, max_runs, fp);
@@ -644,11 +644,12 @@ test_migrate_format_5 (void **state)
     open_lsm (f, 64, &s, &w, &r);
     int n = 0;
     commit_keys (f, s, w, &n, 31, 20);      /* 4 commits a flush: 60 keys stay in L0 */
-    size_t runs;
-    uint64_t in_runs, probes;
+    tly_dedup_shape shape;
     assert_int_equal (tly_reader_begin (r), TLY_OK);
-    tly_reader_dedup_stats (r, &runs, &in_runs, &probes);
+    assert_int_equal (tly_reader_dedup_shape (r, &shape), TLY_OK);
     tly_reader_end (r);
+    size_t runs = shape.runs;
+    uint64_t in_runs = shape.in_runs;
     assert_true (runs > 0 && in_runs > 0 && in_runs + 10 < (uint64_t) n);
     uint8_t (*keys)[TLY_DEDUP_LEN] = calloc ((size_t) n, TLY_DEDUP_LEN);
     for (int i = 0; i < n; i++)
@@ -679,10 +680,9 @@ test_migrate_format_5 (void **state)
     open_lsm (f, 64, &s, &w, &r);
     check_all_found (s, w, r, n);
     assert_int_equal (tly_reader_begin (r), TLY_OK);
-    uint64_t now_in_runs;
-    tly_reader_dedup_stats (r, &runs, &now_in_runs, &probes);
+    assert_int_equal (tly_reader_dedup_shape (r, &shape), TLY_OK);
     tly_reader_end (r);
-    assert_int_equal (now_in_runs, in_runs);
+    assert_int_equal (shape.in_runs, in_runs);
     for (int c = 0; c < 20; c++) {
         assert_int_equal (tly_writer_begin (w), TLY_OK);
         for (int i = 0; i < 23; i++, n++)

@@ -168,19 +168,23 @@ int tly_reader_leaf (tly_reader *self, uint64_t seq, const uint8_t **leaf, size_
     a run (up to about twice l0_max, ~0.5 us each), so the first lookup
     after a start or a long pause is the slow one. */
 int tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq);
-/*  Live runs of the dedup index in the snapshot, the entries whose keys
-    they hold ([0, in_runs); the rest are in L0), and how many run reads
-    (Bloom filter said "maybe") lookups made since begin: for tests and
-    status. */
-void tly_reader_dedup_stats (tly_reader *self, size_t *runs, uint64_t *in_runs,
-                             uint64_t *probes);
-/*  The live runs of the dedup index in each tier: tiers[0 .. n) (runs of
-    tiers n and above are counted in tiers[n - 1]).  TLY_OK, or an error
-    reading the index. */
-int tly_reader_dedup_tiers (tly_reader *self, uint32_t *tiers, size_t n);
-/*  The stored groups of runs that name a live run, and the live runs in
-    none: a lookup of a new key reads one block of each (see above). */
-int tly_reader_dedup_groups (tly_reader *self, size_t *groups, size_t *lone);
+/*  The dedup index as the snapshot sees it, for status and tests. */
+#define TLY_DEDUP_TIERS 10          /* tiers of runs */
+typedef struct {
+    size_t runs;                    /* live runs */
+    uint32_t tiers[TLY_DEDUP_TIERS];    /* of them, in each tier */
+    uint64_t in_runs;               /* entries [0, in_runs) whose keys they hold
+                                       (the rest are in L0) */
+    size_t groups;                  /* stored groups naming a live run */
+    size_t lone;                    /* live runs in no group: a lookup of a new
+                                       key reads one block of each group and
+                                       lone run (see above) */
+    uint64_t probes;                /* run reads (a Bloom filter said "maybe")
+                                       by lookups since begin */
+} tly_dedup_shape;
+
+/*  TLY_OK, or an error reading the index (then *out is all zero). */
+int tly_reader_dedup_shape (tly_reader *self, tly_dedup_shape *out);
 /*  A tly_node_fn: ctx is the reader. */
 int tly_reader_node (void *reader, unsigned level, uint64_t index, uint8_t out[32]);
 /*  Signed head stored for exactly tree_size (TLY_ENOTFOUND if no commit
