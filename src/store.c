@@ -927,10 +927,12 @@ tly_writer_checkpoint (tly_writer *self, const char **why)
     /*  The commit's slice of maintenance first (a run it publishes joins
         its group), then the groups as they are after it.  The tree is
         unchanged: its head stands, nothing is signed. */
-    if ((err = dx_writer_maintain (self->dx, 0)) || (err = dx_writer_checkpoint (self->dx, &stored))
-    ||  !stored) {
-        if (err)
-            *why = "storing the dedup index's groups failed";
+    if ((err = dx_writer_maintain (self->dx, 0)))
+        *why = "the dedup index's maintenance failed";
+    else
+    if ((err = dx_writer_checkpoint (self->dx, &stored)))
+        *why = "storing the dedup index's groups failed";
+    if (err || !stored) {
         tly_writer_abort (self);
         return err;
     }
