@@ -1,11 +1,14 @@
 /*  tally_bench.c -- tally-bench, the load generator for tallyd (issue 3).
 
-    It speaks PROTOCOL.md over raw ZeroMQ DEALER sockets with msgpack-c,
-    like any client, and keeps its own CPU cost low: each load thread runs
-    one event loop over its connections (ppoll on the sockets' ZMQ_FDs, so
-    open-loop send times are kept to the microsecond), events are packed
-    straight into one reusable buffer, replies are unpacked into one reused
-    zone.
+    It speaks PROTOCOL.md as a DEALER peer with msgpack-c, like any
+    client, and keeps its own CPU cost low: each load thread runs one event
+    loop over its connections (ppoll, so open-loop send times are kept to
+    the microsecond), events are packed straight into one reusable buffer,
+    replies are unpacked into one reused zone.  The load's connections
+    speak ZMTP on their TCP sockets in the load thread itself (zmtp.h), as
+    libpq does for PostgreSQL's client, so no I/O thread stands between
+    the load and the wire; `--transport zmq` uses libzmq's DEALER sockets
+    instead.  Set-up, checks and recovery always use libzmq.
 
     Modes:
       ingest (default)  closed loop: every connection keeps --inflight
@@ -46,6 +49,7 @@
 #include "tally/msg.h"
 #include "tally/sth.h"
 #include "common.h"
+#include "zmtp.h"
 
 #define MAX_THREADS 16
 #define MAX_TALLYD_ARGS 16
@@ -75,6 +79,7 @@ typedef struct {
     double timeout_s;
     const char *label;
     bool inflight_given;
+    bool zmq;                       /* --transport zmq: the load through libzmq */
 } opts_t;
 
 static opts_t O;
@@ -106,6 +111,8 @@ usage (FILE *out)
 "  --dup-ratio R         fraction of events that re-send an acknowledged key [0]\n"
 "  --rate R              open loop: R events/s offered; latency from the intended send time\n"
 "  --threads N           load threads, connections split among them [1]\n"
+"  --transport T         zmtp: the load thread speaks ZMTP on its TCP sockets itself;\n"
+"                        zmq: libzmq DEALER sockets (an I/O thread per process) [zmtp]\n"
 "  --verify-every N      verify the signature of every Nth reply's tree head [100]\n"
 "  --timeout S           a request unanswered this long is an error [30]\n"
 "Modes:\n"
@@ -423,7 +430,8 @@ typedef struct {
     int tid;
     pthread_t thread;
     int nconns;
-    void **socks;
+    void **socks;                   /* --transport zmq */
+    bz_conn *conns;                 /* --transport zmtp */
     struct pollfd *pfds;
     uint32_t *inflight;
     bool *dirty;                    /* operated on since its ZMQ_EVENTS was read */
@@ -451,12 +459,14 @@ typedef struct {
     bc_result res;
     _Atomic uint64_t done_events, done_requests, bad;
     uint64_t last_reply_ns;
+    bool lost;                      /* a connection failed: stop */
     char first_error[256];
 } worker_t;
 
 static bc_stream s_stream;
 static uint64_t s_proof_size;
 static atomic_bool s_abandon;       /* recovery: stop without draining */
+static atomic_bool s_killing;       /* recovery: the server is being killed */
 static worker_t s_workers[MAX_THREADS];
 
 static void
@@ -525,6 +535,33 @@ pick_conn (worker_t *w)
     return -1;
 }
 
+/*  A zmtp connection failed: its requests will never be answered.  The
+    load thread stops; unless recovery is killing the server on purpose,
+    that is an error. */
+static void
+conn_lost (worker_t *w, int c)
+{
+    if (w->lost)
+        return;
+    w->lost = true;
+    if (atomic_load (&s_killing))
+        return;
+    w->res.errors += w->inflight_total;
+    note_error (w, "connection %d: %s", c, bz_error (&w->conns[c]));
+    atomic_fetch_add_explicit (&w->bad, 1, memory_order_relaxed);
+}
+
+static bool
+conn_send (worker_t *w, int c)
+{
+    if (O.zmq)
+        return zmq_send (w->socks[c], w->buf.data, w->buf.len, ZMQ_DONTWAIT) >= 0;
+    if (bz_send (&w->conns[c], w->buf.data, w->buf.len) == 0)
+        return true;
+    conn_lost (w, c);
+    return false;
+}
+
 static bool
 send_request (worker_t *w, int c, uint64_t intended)
 {
@@ -575,7 +612,7 @@ send_request (worker_t *w, int c, uint64_t intended)
     r->conn = c;
     r->intended = intended;
     r->sent = bc_now_ns ();
-    if (zmq_send (w->socks[c], w->buf.data, w->buf.len, ZMQ_DONTWAIT) < 0) {
+    if (!conn_send (w, c)) {
         req_release (w, r);
         return false;
     }
@@ -755,8 +792,32 @@ on_reply (worker_t *w, const uint8_t *data, size_t len, uint64_t now)
     A receive that ends in EAGAIN has processed the socket's commands, so
     its ZMQ_FD is armed again: the socket is neither ready nor dirty. */
 static unsigned
+drain_zmtp (worker_t *w)
+{
+    unsigned got = 0;
+    for (int c = 0; c < w->nconns && !w->lost; c++) {
+        if (!w->ready[c])
+            continue;
+        w->ready[c] = false;
+        bz_conn *k = &w->conns[c];
+        int filled = bz_fill (k), rc;
+        const uint8_t *data;
+        size_t len;
+        while ((rc = bz_next (k, &data, &len)) == 1) {
+            on_reply (w, data, len, bc_now_ns ());
+            got++;
+        }
+        if (filled || rc < 0)
+            conn_lost (w, c);
+    }
+    return got;
+}
+
+static unsigned
 drain (worker_t *w)
 {
+    if (!O.zmq)
+        return drain_zmtp (w);
     unsigned got = 0;
     for (int c = 0; c < w->nconns; c++) {
         if (!w->ready[c])
@@ -782,9 +843,44 @@ drain (worker_t *w)
     `until` (monotonic ns, 0 = 100 ms) passes.  ZMQ_FD only signals
     changes: a socket we sent on since we last looked must be asked for
     ZMQ_EVENTS before we sleep on its fd. */
+static struct timespec
+wait_for (uint64_t until, bool any)
+{
+    uint64_t now = bc_now_ns ();
+    uint64_t wait = 100000000ull;
+    if (until)
+        wait = until <= now ? 0 : (until - now < wait ? until - now : wait);
+    if (any)
+        wait = 0;
+    return (struct timespec) { (time_t) (wait / 1000000000u), (long) (wait % 1000000000u) };
+}
+
+/*  zmtp: the sockets' own readiness, and writes the kernel could not take
+    at once go out when it can. */
+static void
+wait_zmtp (worker_t *w, uint64_t until)
+{
+    for (int c = 0; c < w->nconns; c++)
+        w->pfds[c].events = POLLIN | (bz_pending (&w->conns[c]) ? POLLOUT : 0);
+    struct timespec ts = wait_for (until, false);
+    if (ppoll (w->pfds, (nfds_t) w->nconns, &ts, NULL) <= 0)
+        return;
+    for (int c = 0; c < w->nconns; c++) {
+        short ev = w->pfds[c].revents;
+        if ((ev & POLLOUT) && bz_flush (&w->conns[c]))
+            conn_lost (w, c);
+        if (ev & (POLLIN | POLLERR | POLLHUP))
+            w->ready[c] = true;
+    }
+}
+
 static void
 wait_sockets (worker_t *w, uint64_t until)
 {
+    if (!O.zmq) {
+        wait_zmtp (w, until);
+        return;
+    }
     bool any = false;
     for (int c = 0; c < w->nconns; c++) {
         if (!w->dirty[c])
@@ -796,13 +892,7 @@ wait_sockets (worker_t *w, uint64_t until)
         if (ev & ZMQ_POLLIN)
             any = w->ready[c] = true;
     }
-    uint64_t now = bc_now_ns ();
-    uint64_t wait = 100000000ull;
-    if (until)
-        wait = until <= now ? 0 : (until - now < wait ? until - now : wait);
-    if (any)
-        wait = 0;
-    struct timespec ts = { (time_t) (wait / 1000000000u), (long) (wait % 1000000000u) };
+    struct timespec ts = wait_for (until, any);
     if (ppoll (w->pfds, (nfds_t) w->nconns, &ts, NULL) > 0)
         for (int c = 0; c < w->nconns; c++)
             if (w->pfds[c].revents) {
@@ -828,7 +918,7 @@ worker_run (void *arg)
     uint64_t timeout_ns = (uint64_t) (O.timeout_s * 1e9);
     for (;;) {
         uint64_t now = bc_now_ns ();
-        if (atomic_load_explicit (&s_abandon, memory_order_relaxed))
+        if (atomic_load_explicit (&s_abandon, memory_order_relaxed) || w->lost)
             break;
         uint64_t next_due = 0;
         if (interval_ns > 0) {
@@ -854,6 +944,8 @@ worker_run (void *arg)
                        && send_request (w, c, now))
                     now = bc_now_ns ();
         unsigned got = drain (w);
+        if (w->lost)
+            break;
         now = bc_now_ns ();
         if (w->inflight_total == 0 && !more_to_send (w, now))
             break;
@@ -882,6 +974,7 @@ worker_setup (worker_t *w, int tid, uint64_t budget, double rate, uint64_t t_sta
     for (unsigned c = (unsigned) tid; c < O.connections; c += O.threads)
         w->nconns++;
     w->socks = calloc ((size_t) w->nconns, sizeof *w->socks);
+    w->conns = calloc ((size_t) w->nconns, sizeof *w->conns);
     w->pfds = calloc ((size_t) w->nconns, sizeof *w->pfds);
     w->inflight = calloc ((size_t) w->nconns, sizeof *w->inflight);
     w->dirty = calloc ((size_t) w->nconns, sizeof *w->dirty);
@@ -890,7 +983,7 @@ worker_setup (worker_t *w, int tid, uint64_t budget, double rate, uint64_t t_sta
     w->nreqs = (uint32_t) w->nconns * w->cap;
     w->reqs = calloc (w->nreqs, sizeof *w->reqs);
     w->free_list = calloc (w->nreqs, sizeof *w->free_list);
-    if (!w->socks || !w->pfds || !w->inflight || !w->dirty || !w->ready || !w->reqs
+    if (!w->socks || !w->conns || !w->pfds || !w->inflight || !w->dirty || !w->ready || !w->reqs
     ||  !w->free_list)
         die ("out of memory");
     for (uint32_t i = 0; i < w->nreqs; i++) {
@@ -899,7 +992,12 @@ worker_setup (worker_t *w, int tid, uint64_t budget, double rate, uint64_t t_sta
             die ("out of memory");
     }
     w->nfree = w->nreqs;
-    for (int c = 0; c < w->nconns; c++) {
+    for (int c = 0; c < w->nconns && !O.zmq; c++) {
+        if (bz_connect (&w->conns[c], O.api, 10000))
+            die ("connection %d: %s", c, bz_error (&w->conns[c]));
+        w->pfds[c] = (struct pollfd) { .fd = w->conns[c].fd, .events = POLLIN };
+    }
+    for (int c = 0; c < w->nconns && O.zmq; c++) {
         void *s = zmq_socket (s_ctx, ZMQ_DEALER);
         int zero = 0;
         zmq_setsockopt (s, ZMQ_SNDHWM, &zero, sizeof zero);
@@ -931,7 +1029,11 @@ static void
 worker_free (worker_t *w)
 {
     for (int c = 0; c < w->nconns; c++)
-        zmq_close (w->socks[c]);
+        if (O.zmq)
+            zmq_close (w->socks[c]);
+        else
+            bz_close (&w->conns[c]);
+    free (w->conns);
     for (uint32_t i = 0; i < w->nreqs; i++)
         free (w->reqs[i].evs);
     free (w->reqs);
@@ -1061,7 +1163,8 @@ parse_args (int argc, char **argv)
 {
     enum { O_SPAWN = 256, O_TALLYD, O_TALLYD_ARG, O_DATA_DIR, O_KEEP, O_API, O_PID, O_CONN,
            O_INFL, O_BATCH, O_EVENTS, O_DURATION, O_CUST, O_METERS, O_DUP, O_RATE, O_THREADS,
-           O_VERIFY, O_TIMEOUT, O_PROOFS, O_RECOVERY, O_JSON, O_LABEL, O_QUIET, O_HELP };
+           O_VERIFY, O_TIMEOUT, O_PROOFS, O_RECOVERY, O_JSON, O_LABEL, O_QUIET, O_HELP,
+           O_TRANSPORT };
     static const struct option lo[] = {
         { "spawn", no_argument, 0, O_SPAWN }, { "tallyd", required_argument, 0, O_TALLYD },
         { "tallyd-arg", required_argument, 0, O_TALLYD_ARG },
@@ -1074,6 +1177,7 @@ parse_args (int argc, char **argv)
         { "customers", required_argument, 0, O_CUST }, { "meters", required_argument, 0, O_METERS },
         { "dup-ratio", required_argument, 0, O_DUP }, { "rate", required_argument, 0, O_RATE },
         { "threads", required_argument, 0, O_THREADS },
+        { "transport", required_argument, 0, O_TRANSPORT },
         { "verify-every", required_argument, 0, O_VERIFY },
         { "timeout", required_argument, 0, O_TIMEOUT }, { "proofs", no_argument, 0, O_PROOFS },
         { "recovery", no_argument, 0, O_RECOVERY }, { "json", no_argument, 0, O_JSON },
@@ -1117,6 +1221,11 @@ parse_args (int argc, char **argv)
             case O_DUP: O.dup_ratio = atof (optarg); break;
             case O_RATE: O.rate = atof (optarg); break;
             case O_THREADS: O.threads = (unsigned) atoi (optarg); break;
+            case O_TRANSPORT:
+                if (strcmp (optarg, "zmq") && strcmp (optarg, "zmtp"))
+                    die ("--transport is zmtp or zmq");
+                O.zmq = strcmp (optarg, "zmq") == 0;
+                break;
             case O_VERIFY: O.verify_every = (unsigned) atoi (optarg); break;
             case O_TIMEOUT: O.timeout_s = atof (optarg); break;
             case O_PROOFS: O.proofs = true; break;
@@ -1207,6 +1316,7 @@ run_recovery (void)
     run_load (t0);
     bc_sleep_until_ns (t0 + (uint64_t) (O.duration * 1e9));
     pid_t victim = S.pid;
+    atomic_store (&s_killing, true);
     kill (victim, SIGKILL);
     waitpid (victim, NULL, 0);
     S.pid = 0;

@@ -154,6 +154,43 @@ test_proofs_counts (void **state)
     assert_int_equal (field (json, "tree_before"), 2400);
 }
 
+/*  The same load through libzmq's DEALER sockets (--transport zmq). */
+static void
+test_zmq_transport_counts (void **state)
+{
+    (void) state;
+    char json[4096], args[512];
+    snprintf (args, sizeof args, "--spawn --data-dir '%s' --transport zmq --connections 2 "
+              "--inflight 2 --batch 10 --events 1000 --dup-ratio 0.1", s_dir);
+    assert_int_equal (run_bench (args, json, sizeof json), 0);
+    assert_true (field_true (json, "clean"));
+    assert_int_equal (field (json, "events"), 1000);
+    assert_int_equal (field (json, "accepted"), 900);
+    assert_int_equal (field (json, "duplicate"), 100);
+    assert_int_equal (field (json, "errors"), 0);
+    assert_int_equal (field (json, "unexpected"), 0);
+    assert_int_equal (field (json, "tree_before"), 2400);
+    assert_int_equal (field (json, "tree_after"), 3300);
+}
+
+/*  Requests of 10,000 events (frames of about 800 KB each way), 4 in
+    flight on each connection. */
+static void
+test_large_requests (void **state)
+{
+    (void) state;
+    char json[4096], args[512];
+    snprintf (args, sizeof args, "--spawn --data-dir '%s' --connections 2 --inflight 4 "
+              "--batch 10000 --events 80000", s_dir);
+    assert_int_equal (run_bench (args, json, sizeof json), 0);
+    assert_true (field_true (json, "clean"));
+    assert_int_equal (field (json, "requests"), 8);
+    assert_int_equal (field (json, "accepted"), 80000);
+    assert_int_equal (field (json, "errors"), 0);
+    assert_int_equal (field (json, "tree_before"), 3300);
+    assert_int_equal (field (json, "tree_after"), 83300);
+}
+
 int
 main (void)
 {
@@ -161,6 +198,8 @@ main (void)
         cmocka_unit_test (test_closed_loop_counts),
         cmocka_unit_test (test_open_loop_counts),
         cmocka_unit_test (test_proofs_counts),
+        cmocka_unit_test (test_zmq_transport_counts),
+        cmocka_unit_test (test_large_requests),
     };
     return cmocka_run_group_tests_name ("bench_smoke", tests, group_setup, group_teardown);
 }
