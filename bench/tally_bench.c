@@ -459,7 +459,9 @@ typedef struct {
     bc_result res;
     _Atomic uint64_t done_events, done_requests, bad;
     uint64_t last_reply_ns;
-    bool lost;                      /* a connection failed: stop */
+    bool *dead;                     /* zmtp: the connection failed */
+    int live;                       /* connections not dead */
+    bool lost;                      /* every connection failed: stop */
     char first_error[256];
 } worker_t;
 
@@ -527,7 +529,7 @@ pick_conn (worker_t *w)
 {
     for (int k = 0; k < w->nconns; k++) {
         int c = (w->rr + k) % w->nconns;
-        if (w->inflight[c] < w->cap) {
+        if (w->inflight[c] < w->cap && !w->dead[c]) {
             w->rr = c + 1;
             return c;
         }
@@ -535,20 +537,33 @@ pick_conn (worker_t *w)
     return -1;
 }
 
-/*  A zmtp connection failed: its requests will never be answered.  The
-    load thread stops; unless recovery is killing the server on purpose,
-    that is an error. */
+/*  A zmtp connection failed: its requests will never be answered.  It is
+    closed and the others go on; unless recovery is killing the server on
+    purpose, each unanswered request is an error.  With none left the load
+    thread stops. */
 static void
 conn_lost (worker_t *w, int c)
 {
-    if (w->lost)
+    if (w->dead[c])
         return;
-    w->lost = true;
-    if (atomic_load (&s_killing))
-        return;
-    w->res.errors += w->inflight_total;
-    note_error (w, "connection %d: %s", c, bz_error (&w->conns[c]));
-    atomic_fetch_add_explicit (&w->bad, 1, memory_order_relaxed);
+    bool killing = atomic_load (&s_killing);
+    if (!killing) {
+        note_error (w, "connection %d: %s", c, bz_error (&w->conns[c]));
+        atomic_fetch_add_explicit (&w->bad, 1, memory_order_relaxed);
+    }
+    for (uint32_t i = 0; i < w->nreqs; i++)
+        if (w->reqs[i].used && w->reqs[i].conn == c) {
+            if (!killing)
+                w->res.errors++;
+            w->inflight_total--;
+            req_release (w, &w->reqs[i]);
+        }
+    w->inflight[c] = 0;
+    w->dead[c] = true;
+    w->ready[c] = false;
+    w->pfds[c].fd = -1;             /* ppoll skips it */
+    bz_close (&w->conns[c]);
+    w->lost = --w->live == 0;
 }
 
 static bool
@@ -789,13 +804,12 @@ on_reply (worker_t *w, const uint8_t *data, size_t len, uint64_t now)
 }
 
 /*  Reads every reply waiting on the connections marked ready; how many.
-    A receive that ends in EAGAIN has processed the socket's commands, so
-    its ZMQ_FD is armed again: the socket is neither ready nor dirty. */
+    What a failing connection had received is read before it is closed. */
 static unsigned
 drain_zmtp (worker_t *w)
 {
     unsigned got = 0;
-    for (int c = 0; c < w->nconns && !w->lost; c++) {
+    for (int c = 0; c < w->nconns; c++) {
         if (!w->ready[c])
             continue;
         w->ready[c] = false;
@@ -813,6 +827,9 @@ drain_zmtp (worker_t *w)
     return got;
 }
 
+/*  zmq: a receive that ends in EAGAIN has processed the socket's
+    commands, so its ZMQ_FD is armed again: the socket is neither ready
+    nor dirty. */
 static unsigned
 drain (worker_t *w)
 {
@@ -839,10 +856,8 @@ drain (worker_t *w)
     return got;
 }
 
-/*  Marks the connections that may have replies, blocking until one may or
-    `until` (monotonic ns, 0 = 100 ms) passes.  ZMQ_FD only signals
-    changes: a socket we sent on since we last looked must be asked for
-    ZMQ_EVENTS before we sleep on its fd. */
+/*  How long to wait: until `until` (monotonic ns, 0 = 100 ms), at most
+    100 ms; not at all when something is ready already. */
 static struct timespec
 wait_for (uint64_t until, bool any)
 {
@@ -874,6 +889,10 @@ wait_zmtp (worker_t *w, uint64_t until)
     }
 }
 
+/*  Marks the connections that may have replies, blocking until one may or
+    `until` passes.  zmq: ZMQ_FD only signals changes, so a socket we sent
+    on since we last looked must be asked for ZMQ_EVENTS before we sleep on
+    its fd. */
 static void
 wait_sockets (worker_t *w, uint64_t until)
 {
@@ -940,7 +959,7 @@ worker_run (void *arg)
         }
         else
             for (int c = 0; c < w->nconns; c++)
-                while (w->inflight[c] < w->cap && more_to_send (w, now)
+                while (!w->dead[c] && w->inflight[c] < w->cap && more_to_send (w, now)
                        && send_request (w, c, now))
                     now = bc_now_ns ();
         unsigned got = drain (w);
@@ -975,6 +994,8 @@ worker_setup (worker_t *w, int tid, uint64_t budget, double rate, uint64_t t_sta
         w->nconns++;
     w->socks = calloc ((size_t) w->nconns, sizeof *w->socks);
     w->conns = calloc ((size_t) w->nconns, sizeof *w->conns);
+    w->dead = calloc ((size_t) w->nconns, sizeof *w->dead);
+    w->live = w->nconns;
     w->pfds = calloc ((size_t) w->nconns, sizeof *w->pfds);
     w->inflight = calloc ((size_t) w->nconns, sizeof *w->inflight);
     w->dirty = calloc ((size_t) w->nconns, sizeof *w->dirty);
@@ -983,7 +1004,7 @@ worker_setup (worker_t *w, int tid, uint64_t budget, double rate, uint64_t t_sta
     w->nreqs = (uint32_t) w->nconns * w->cap;
     w->reqs = calloc (w->nreqs, sizeof *w->reqs);
     w->free_list = calloc (w->nreqs, sizeof *w->free_list);
-    if (!w->socks || !w->conns || !w->pfds || !w->inflight || !w->dirty || !w->ready || !w->reqs
+    if (!w->socks || !w->conns || !w->dead || !w->pfds || !w->inflight || !w->dirty || !w->ready || !w->reqs
     ||  !w->free_list)
         die ("out of memory");
     for (uint32_t i = 0; i < w->nreqs; i++) {
@@ -1034,6 +1055,7 @@ worker_free (worker_t *w)
         else
             bz_close (&w->conns[c]);
     free (w->conns);
+    free (w->dead);
     for (uint32_t i = 0; i < w->nreqs; i++)
         free (w->reqs[i].evs);
     free (w->reqs);

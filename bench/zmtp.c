@@ -1,7 +1,7 @@
 /*  zmtp.c -- a ZMTP 3.0 DEALER peer on a plain TCP socket (see zmtp.h).
 
     The wire (RFC 23): each side sends a 64-byte greeting (signature
-    FF 00*8 7F, version 3.0, mechanism "NULL", as-server 0, filler), then a
+    FF, 8 bytes of padding, 7F; version 3.0, mechanism "NULL", as-server 0, filler), then a
     READY command with its socket type; after that, frames.  A frame is a
     flags byte (bit 0 MORE, bit 1 LONG, bit 2 COMMAND), a size (one byte,
     or eight big-endian with LONG) and the body.  A command's body is a
@@ -27,6 +27,7 @@
 #define F_COMMAND 0x04
 #define GREETING  64
 #define IN_START  (64u << 10)
+#define READY_MAX 4096              /* the peer's READY, with its metadata */
 
 static int
 fail (bz_conn *self, const char *fmt, ...) __attribute__ ((format (printf, 2, 3)));
@@ -71,6 +72,13 @@ queue_frame (bz_conn *self, uint8_t flags, const void *body, size_t len)
 {
     if (self->out_off == self->out_len)
         self->out_off = self->out_len = 0;
+    else
+    if (self->out_off > self->out_len / 2) {
+        /*  What was sent is dead weight: keep only what is left. */
+        memmove (self->out, self->out + self->out_off, self->out_len - self->out_off);
+        self->out_len -= self->out_off;
+        self->out_off = 0;
+    }
     if (reserve (&self->out, &self->out_cap, self->out_len + 9 + len))
         return fail (self, "out of memory queueing %zu bytes", len);
     uint8_t *p = self->out + self->out_len;
@@ -113,38 +121,6 @@ parse_endpoint (bz_conn *self, const char *endpoint, char *host, size_t host_len
     return 0;
 }
 
-static int
-dial (bz_conn *self, const char *endpoint)
-{
-    char host[256], port[16];
-    if (parse_endpoint (self, endpoint, host, sizeof host, port, sizeof port))
-        return -1;
-    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM }, *ai;
-    int rc = getaddrinfo (host, port, &hints, &ai);
-    if (rc)
-        return fail (self, "%s: %s", endpoint, gai_strerror (rc));
-    int err = 0;
-    for (struct addrinfo *a = ai; a; a = a->ai_next) {
-        int fd = socket (a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-        if (fd < 0) {
-            err = errno;
-            continue;
-        }
-        if (connect (fd, a->ai_addr, a->ai_addrlen) == 0) {
-            self->fd = fd;
-            break;
-        }
-        err = errno;
-        close (fd);
-    }
-    freeaddrinfo (ai);
-    if (self->fd < 0)
-        return fail (self, "cannot connect to %s: %s", endpoint, strerror (err));
-    int one = 1;
-    setsockopt (self->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    return 0;
-}
-
 static uint64_t
 now_ms (void)
 {
@@ -153,23 +129,85 @@ now_ms (void)
     return (uint64_t) ts.tv_sec * 1000u + (uint64_t) ts.tv_nsec / 1000000u;
 }
 
-/*  Reads exactly `len` bytes before `deadline` (the socket is blocking). */
+/*  Waits for `events` on the socket until `deadline`; 0 when they came. */
+static int
+wait_until (bz_conn *self, short events, uint64_t deadline)
+{
+    for (;;) {
+        uint64_t now = now_ms ();
+        struct pollfd p = { self->fd, events, 0 };
+        int n = now < deadline ? poll (&p, 1, (int) (deadline - now)) : 0;
+        if (n > 0)
+            return 0;
+        if (n == 0)
+            return fail (self, "timed out");
+        if (errno != EINTR)
+            return fail (self, "poll: %s", strerror (errno));
+    }
+}
+
+/*  A non-blocking connect, waited for until `deadline`. */
+static int
+connect_by (bz_conn *self, const struct addrinfo *a, uint64_t deadline)
+{
+    if (connect (self->fd, a->ai_addr, a->ai_addrlen) == 0)
+        return 0;
+    if (errno != EINPROGRESS && errno != EINTR)
+        return fail (self, "%s", strerror (errno));
+    if (wait_until (self, POLLOUT, deadline))
+        return -1;
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt (self->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    return err ? fail (self, "%s", strerror (err)) : 0;
+}
+
+static int
+dial (bz_conn *self, const char *endpoint, uint64_t deadline)
+{
+    char host[256], port[16];
+    if (parse_endpoint (self, endpoint, host, sizeof host, port, sizeof port))
+        return -1;
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM }, *ai;
+    int rc = getaddrinfo (host, port, &hints, &ai);
+    if (rc)
+        return fail (self, "%s: %s", endpoint, gai_strerror (rc));
+    for (struct addrinfo *a = ai; a; a = a->ai_next) {
+        self->fd = socket (a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
+                           a->ai_protocol);
+        if (self->fd < 0)
+            fail (self, "socket: %s", strerror (errno));
+        else
+        if (connect_by (self, a, deadline)) {
+            close (self->fd);
+            self->fd = -1;
+        }
+        else
+            break;
+    }
+    freeaddrinfo (ai);
+    if (self->fd < 0) {
+        char why[sizeof self->error];
+        memcpy (why, self->error, sizeof why);
+        return fail (self, "cannot connect to %s: %s", endpoint, why);
+    }
+    int one = 1;
+    setsockopt (self->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    return 0;
+}
+
+/*  Reads exactly `len` bytes before `deadline`. */
 static int
 read_exact (bz_conn *self, uint8_t *buf, size_t len, uint64_t deadline)
 {
     size_t got = 0;
     while (got < len) {
-        uint64_t now = now_ms ();
-        struct pollfd p = { self->fd, POLLIN, 0 };
-        int n = now < deadline ? poll (&p, 1, (int) (deadline - now)) : 0;
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return fail (self, "the handshake timed out");
+        if (wait_until (self, POLLIN, deadline))
+            return fail (self, "the handshake %s", self->error);
         ssize_t r = read (self->fd, buf + got, len - got);
         if (r == 0)
             return fail (self, "the server closed the connection in the handshake");
-        if (r < 0 && errno != EINTR)
+        if (r < 0 && errno != EINTR && errno != EAGAIN)
             return fail (self, "handshake: %s", strerror (errno));
         if (r > 0)
             got += (size_t) r;
@@ -177,23 +215,18 @@ read_exact (bz_conn *self, uint8_t *buf, size_t len, uint64_t deadline)
     return 0;
 }
 
+/*  Writes the queued bytes before `deadline`. */
 static int
-write_all (bz_conn *self, const uint8_t *buf, size_t len)
+write_queued (bz_conn *self, uint64_t deadline)
 {
-    while (len) {
-        ssize_t w = write (self->fd, buf, len);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return fail (self, "handshake: %s", strerror (errno));
-        buf += w;
-        len -= (size_t) w;
-    }
+    while (bz_pending (self))
+        if (bz_flush (self) || (bz_pending (self) && wait_until (self, POLLOUT, deadline)))
+            return fail (self, "handshake: %s", self->error);
     return 0;
 }
 
 static int
-handshake (bz_conn *self, int timeout_ms)
+handshake (bz_conn *self, uint64_t deadline)
 {
     uint8_t g[GREETING] = { 0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F, 3, 0, 'N', 'U', 'L', 'L' };
     static const uint8_t ready[] = {
@@ -201,27 +234,36 @@ handshake (bz_conn *self, int timeout_ms)
         11, 'S', 'o', 'c', 'k', 'e', 't', '-', 'T', 'y', 'p', 'e',
         0, 0, 0, 6, 'D', 'E', 'A', 'L', 'E', 'R'
     };
-    if (write_all (self, g, sizeof g)
-    ||  queue_frame (self, F_COMMAND, ready, sizeof ready)
-    ||  write_all (self, self->out, self->out_len))
+    if (reserve (&self->out, &self->out_cap, sizeof g))
+        return fail (self, "out of memory");
+    memcpy (self->out, g, sizeof g);
+    self->out_len = sizeof g;
+    if (queue_frame (self, F_COMMAND, ready, sizeof ready) || write_queued (self, deadline))
         return -1;
-    self->out_off = self->out_len = 0;
-    uint64_t deadline = now_ms () + (uint64_t) timeout_ms;
     uint8_t peer[GREETING];
     if (read_exact (self, peer, sizeof peer, deadline))
         return -1;
     if (peer[0] != 0xFF || !(peer[9] & 1) || peer[10] < 3
     ||  memcmp (peer + 12, "NULL", 5))
         return fail (self, "the peer does not speak ZMTP 3 with the NULL mechanism");
-    /*  Its READY: a short command frame. */
-    uint8_t head[2], body[255];
+    /*  Its READY: a command frame, long when its metadata is. */
+    uint8_t head[9], body[READY_MAX];
     if (read_exact (self, head, 2, deadline))
         return -1;
-    if (!(head[0] & F_COMMAND) || (head[0] & F_LONG))
-        return fail (self, "the peer's first frame is not a short command");
-    if (read_exact (self, body, head[1], deadline))
+    if (!(head[0] & F_COMMAND) || (head[0] & F_MORE))
+        return fail (self, "the peer's first frame is not a command");
+    uint64_t size = head[1];
+    if (head[0] & F_LONG) {
+        if (read_exact (self, head + 2, 7, deadline))
+            return -1;
+        for (int i = 2; i <= 8; i++)
+            size = size << 8 | head[i];
+    }
+    if (size > sizeof body)
+        return fail (self, "the peer's READY is %llu bytes", (unsigned long long) size);
+    if (read_exact (self, body, (size_t) size, deadline))
         return -1;
-    if (head[1] < 6 || body[0] != 5 || memcmp (body + 1, "READY", 5))
+    if (size < 6 || body[0] != 5 || memcmp (body + 1, "READY", 5))
         return fail (self, "the peer's first command is not READY");
     return 0;
 }
@@ -231,15 +273,14 @@ bz_connect (bz_conn *self, const char *endpoint, int timeout_ms)
 {
     memset (self, 0, sizeof *self);
     self->fd = -1;
-    if (dial (self, endpoint) || handshake (self, timeout_ms)) {
+    uint64_t deadline = now_ms () + (uint64_t) timeout_ms;
+    if (dial (self, endpoint, deadline) || handshake (self, deadline)) {
         char why[sizeof self->error];
         memcpy (why, self->error, sizeof why);
         bz_close (self);
         memcpy (self->error, why, sizeof why);
         return -1;
     }
-    int fl = fcntl (self->fd, F_GETFL);
-    fcntl (self->fd, F_SETFL, fl | O_NONBLOCK);
     return 0;
 }
 

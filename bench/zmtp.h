@@ -35,15 +35,16 @@ typedef struct {
     char error[160];                    /* why the last call failed */
 } bz_conn;
 
-/*  Connects to "tcp://HOST:PORT" and completes the handshake (blocking,
-    at most timeout_ms); then the socket is non-blocking.  On failure the
+/*  Connects to "tcp://HOST:PORT" and completes the handshake, waiting at
+    most timeout_ms in all.  The socket is non-blocking.  On failure the
     connection holds only its error. */
 int bz_connect (bz_conn *self, const char *endpoint, int timeout_ms);
 void bz_close (bz_conn *self);
 
 /*  Queues one message and writes what the socket takes now. */
 int bz_send (bz_conn *self, const void *data, size_t len);
-/*  Writes queued bytes; true while some are left (poll for POLLOUT). */
+/*  Writes what the socket takes of the queued bytes; bz_pending says
+    whether some are left (then poll for POLLOUT). */
 int bz_flush (bz_conn *self);
 bool bz_pending (const bz_conn *self);
 

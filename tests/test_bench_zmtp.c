@@ -113,6 +113,35 @@ test_split_anywhere (void **state)
     expect_none (p);
 }
 
+/*  A message, then a frame larger than the first buffer, arriving in
+    pieces: the message is read before the rest of the frame is there. */
+static void
+test_split_between_frames (void **state)
+{
+    pair_t *p = *state;
+    static uint8_t big[9 + 200000];
+    big[0] = 0x02;
+    big[6] = 0x03;                  /* 200,000 = 0x030d40 */
+    big[7] = 0x0d;
+    big[8] = 0x40;
+    for (size_t i = 9; i < sizeof big; i++)
+        big[i] = (uint8_t) (i * 13);
+    put (p, "\x00\x02" "ab", 4);
+    put (p, big, 5000);
+    assert_int_equal (bz_fill (&p->conn), 0);
+    expect_msg (p, "ab", 2);
+    expect_none (p);
+    for (size_t off = 5000; off < sizeof big; off += 50000) {
+        size_t n = sizeof big - off < 50000 ? sizeof big - off : 50000;
+        put (p, big + off, n);
+        assert_int_equal (bz_fill (&p->conn), 0);
+        if (off + n < sizeof big)
+            expect_none (p);
+    }
+    expect_msg (p, (const char *) big + 9, 200000);
+    expect_none (p);
+}
+
 static void
 test_envelope_skipped (void **state)
 {
@@ -237,6 +266,7 @@ main (void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown (test_short_and_long_frames, setup, teardown),
         cmocka_unit_test_setup_teardown (test_split_anywhere, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_split_between_frames, setup, teardown),
         cmocka_unit_test_setup_teardown (test_envelope_skipped, setup, teardown),
         cmocka_unit_test_setup_teardown (test_ping_answered, setup, teardown),
         cmocka_unit_test_setup_teardown (test_send_frames, setup, teardown),
