@@ -554,7 +554,7 @@ conn_lost (worker_t *w, int c)
     for (uint32_t i = 0; i < w->nreqs; i++)
         if (w->reqs[i].used && w->reqs[i].conn == c) {
             if (!killing)
-                w->res.errors++;
+                w->res.errors += w->reqs[i].n;
             w->inflight_total--;
             req_release (w, &w->reqs[i]);
         }
@@ -969,7 +969,9 @@ worker_run (void *arg)
         if (w->inflight_total == 0 && !more_to_send (w, now))
             break;
         if (w->inflight_total > 0 && now - w->last_reply_ns > timeout_ns) {
-            w->res.errors += w->inflight_total;
+            for (uint32_t i = 0; i < w->nreqs; i++)
+                if (w->reqs[i].used)
+                    w->res.errors += w->reqs[i].n;
             note_error (w, "%u requests unanswered for %.0f s", w->inflight_total, O.timeout_s);
             atomic_fetch_add_explicit (&w->bad, 1, memory_order_relaxed);
             break;
