@@ -8,7 +8,8 @@
     speak ZMTP on their TCP sockets in the load thread itself (zmtp.h), as
     libpq does for PostgreSQL's client, so no I/O thread stands between
     the load and the wire; `--transport zmq` uses libzmq's DEALER sockets
-    instead.  Set-up, checks and recovery always use libzmq.
+    instead.  Set-up, checks and recovery's probes of the restarted server
+    always use libzmq.
 
     Modes:
       ingest (default)  closed loop: every connection keeps --inflight
@@ -460,8 +461,7 @@ typedef struct {
     _Atomic uint64_t done_events, done_requests, bad;
     uint64_t last_reply_ns;
     bool *dead;                     /* zmtp: the connection failed */
-    int live;                       /* connections not dead */
-    bool lost;                      /* every connection failed: stop */
+    int live;                       /* connections not dead; 0: stop */
     char first_error[256];
 } worker_t;
 
@@ -537,6 +537,17 @@ pick_conn (worker_t *w)
     return -1;
 }
 
+/*  Events in the requests unanswered on connection c (-1: on any). */
+static uint64_t
+unanswered (const worker_t *w, int c)
+{
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < w->nreqs; i++)
+        if (w->reqs[i].used && (c < 0 || w->reqs[i].conn == c))
+            n += w->reqs[i].n;
+    return n;
+}
+
 /*  A zmtp connection failed: its requests will never be answered.  It is
     closed and the others go on; unless recovery is killing the server on
     purpose, each unanswered request is an error.  With none left the load
@@ -550,20 +561,18 @@ conn_lost (worker_t *w, int c)
     if (!killing) {
         note_error (w, "connection %d: %s", c, bz_error (&w->conns[c]));
         atomic_fetch_add_explicit (&w->bad, 1, memory_order_relaxed);
+        w->res.errors += unanswered (w, c);
     }
     for (uint32_t i = 0; i < w->nreqs; i++)
-        if (w->reqs[i].used && w->reqs[i].conn == c) {
-            if (!killing)
-                w->res.errors += w->reqs[i].n;
-            w->inflight_total--;
+        if (w->reqs[i].used && w->reqs[i].conn == c)
             req_release (w, &w->reqs[i]);
-        }
+    w->inflight_total -= w->inflight[c];
     w->inflight[c] = 0;
     w->dead[c] = true;
     w->ready[c] = false;
     w->pfds[c].fd = -1;             /* ppoll skips it */
     bz_close (&w->conns[c]);
-    w->lost = --w->live == 0;
+    w->live--;
 }
 
 static bool
@@ -937,7 +946,7 @@ worker_run (void *arg)
     uint64_t timeout_ns = (uint64_t) (O.timeout_s * 1e9);
     for (;;) {
         uint64_t now = bc_now_ns ();
-        if (atomic_load_explicit (&s_abandon, memory_order_relaxed) || w->lost)
+        if (atomic_load_explicit (&s_abandon, memory_order_relaxed) || !w->live)
             break;
         uint64_t next_due = 0;
         if (interval_ns > 0) {
@@ -963,15 +972,13 @@ worker_run (void *arg)
                        && send_request (w, c, now))
                     now = bc_now_ns ();
         unsigned got = drain (w);
-        if (w->lost)
+        if (!w->live)
             break;
         now = bc_now_ns ();
         if (w->inflight_total == 0 && !more_to_send (w, now))
             break;
         if (w->inflight_total > 0 && now - w->last_reply_ns > timeout_ns) {
-            for (uint32_t i = 0; i < w->nreqs; i++)
-                if (w->reqs[i].used)
-                    w->res.errors += w->reqs[i].n;
+            w->res.errors += unanswered (w, -1);
             note_error (w, "%u requests unanswered for %.0f s", w->inflight_total, O.timeout_s);
             atomic_fetch_add_explicit (&w->bad, 1, memory_order_relaxed);
             break;
@@ -1006,8 +1013,8 @@ worker_setup (worker_t *w, int tid, uint64_t budget, double rate, uint64_t t_sta
     w->nreqs = (uint32_t) w->nconns * w->cap;
     w->reqs = calloc (w->nreqs, sizeof *w->reqs);
     w->free_list = calloc (w->nreqs, sizeof *w->free_list);
-    if (!w->socks || !w->conns || !w->dead || !w->pfds || !w->inflight || !w->dirty || !w->ready || !w->reqs
-    ||  !w->free_list)
+    if (!w->socks || !w->conns || !w->dead || !w->pfds || !w->inflight || !w->dirty
+    ||  !w->ready || !w->reqs || !w->free_list)
         die ("out of memory");
     for (uint32_t i = 0; i < w->nreqs; i++) {
         w->free_list[w->nreqs - 1 - i] = i;

@@ -32,13 +32,17 @@
 static int
 fail (bz_conn *self, const char *fmt, ...) __attribute__ ((format (printf, 2, 3)));
 
+/*  Sets the error; the arguments may include the error so far (formatted
+    aside first, since vsnprintf must not read what it writes). */
 static int
 fail (bz_conn *self, const char *fmt, ...)
 {
+    char why[sizeof self->error];
     va_list ap;
     va_start (ap, fmt);
-    vsnprintf (self->error, sizeof self->error, fmt, ap);
+    vsnprintf (why, sizeof why, fmt, ap);
     va_end (ap);
+    memcpy (self->error, why, sizeof why);
     return -1;
 }
 
@@ -64,6 +68,16 @@ reserve (uint8_t **buf, size_t *cap, size_t need)
     *buf = p;
     *cap = c;
     return 0;
+}
+
+/*  A long frame's size: 8 bytes, big-endian. */
+static uint64_t
+get_be64 (const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
 }
 
 /*  Appends one frame (flags, size, body) to the output queue. */
@@ -186,11 +200,8 @@ dial (bz_conn *self, const char *endpoint, uint64_t deadline)
             break;
     }
     freeaddrinfo (ai);
-    if (self->fd < 0) {
-        char why[sizeof self->error];
-        memcpy (why, self->error, sizeof why);
-        return fail (self, "cannot connect to %s: %s", endpoint, why);
-    }
+    if (self->fd < 0)
+        return fail (self, "cannot connect to %s: %s", endpoint, self->error);
     int one = 1;
     setsockopt (self->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     return 0;
@@ -256,8 +267,7 @@ handshake (bz_conn *self, uint64_t deadline)
     if (head[0] & F_LONG) {
         if (read_exact (self, head + 2, 7, deadline))
             return -1;
-        for (int i = 2; i <= 8; i++)
-            size = size << 8 | head[i];
+        size = get_be64 (head + 1);
     }
     if (size > sizeof body)
         return fail (self, "the peer's READY is %llu bytes", (unsigned long long) size);
@@ -390,12 +400,7 @@ bz_next (bz_conn *self, const uint8_t **data, size_t *len)
         size_t head = flags & F_LONG ? 9 : 2;
         if (avail < head)
             return 0;
-        uint64_t size = 0;
-        if (flags & F_LONG)
-            for (int i = 1; i <= 8; i++)
-                size = size << 8 | p[i];
-        else
-            size = p[1];
+        uint64_t size = flags & F_LONG ? get_be64 (p + 1) : p[1];
         if (size > BZ_MAX_FRAME)
             return fail (self, "a frame of %llu bytes", (unsigned long long) size);
         if (avail - head < size) {
