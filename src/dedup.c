@@ -1203,18 +1203,17 @@ groups_purge (dx_writer *self)
 }
 
 int
-dx_writer_checkpoint (dx_writer *self, bool *stored)
+dx_writer_checkpoint (dx_writer *self, bool *changed)
 {
-    *stored = false;
     for (unsigned j = 0; j < DX_TIERS; j++) {
         dx_fill *f = &self->fill[j];
         if (f->on && f->n > f->stored) {
             int err = fill_put (self, f);
             if (err)
                 return err;
-            *stored = true;
         }
     }
+    *changed = self->dirty;
     return TLY_OK;
 }
 
@@ -1916,9 +1915,9 @@ dx_writer_maintain (dx_writer *self, uint64_t appended)
 int
 dx_writer_finish (dx_writer *self)
 {
-    bool worked = true, stored;
+    bool worked = true, changed;
     int err = TLY_OK;
     while (!err && worked)
         err = maintain (self, UINT32_MAX, &worked);
-    return err ? err : dx_writer_checkpoint (self, &stored);
+    return err ? err : dx_writer_checkpoint (self, &changed);
 }

@@ -171,8 +171,10 @@ int dx_writer_finish (dx_writer *self);
 /*  Stores the groups still filling, so that after this txn's commit a
     writer started later (or a reader) finds their members in a group
     instead of asking each one until merged (a clean shutdown does this;
-    the next writer starts new groups and leaves these as they are). */
-int dx_writer_checkpoint (dx_writer *self, bool *stored);
+    the next writer starts new groups and leaves these as they are).
+    *changed: whether this txn changed the index at all (groups stored,
+    or maintenance done in it), so that committing it keeps some work. */
+int dx_writer_checkpoint (dx_writer *self, bool *changed);
 /*  The txn ended: committed, or aborted (then any maintenance done in it is
     forgotten; unfinished builds are started again later). */
 void dx_writer_end (dx_writer *self, bool committed);

@@ -918,7 +918,7 @@ static int writer_finish (tly_writer *self, int rc, const char **why);
 int
 tly_writer_checkpoint (tly_writer *self, const char **why)
 {
-    bool stored = false;
+    bool changed = false;
     int err = tly_writer_begin (self);
     if (err) {
         *why = "starting the checkpoint's transaction failed";
@@ -930,9 +930,12 @@ tly_writer_checkpoint (tly_writer *self, const char **why)
     if ((err = dx_writer_maintain (self->dx, 0)))
         *why = "the dedup index's maintenance failed";
     else
-    if ((err = dx_writer_checkpoint (self->dx, &stored)))
+    if ((err = dx_writer_checkpoint (self->dx, &changed)))
         *why = "storing the dedup index's groups failed";
-    if (err || !stored) {
+    /*  Nothing to keep: abort (a commit would only write a meta page).
+        Maintenance done here is kept, else an abort would drop the
+        builds under way and the next writer would refill them. */
+    if (err || !changed) {
         tly_writer_abort (self);
         return err;
     }

@@ -250,10 +250,10 @@ static void
 checkpoint (fixture *f)
 {
     MDB_txn *txn;
-    bool stored;
+    bool changed;
     assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
     assert_int_equal (dx_writer_begin (f->w, txn, f->n), TLY_OK);
-    assert_int_equal (dx_writer_checkpoint (f->w, &stored), TLY_OK);
+    assert_int_equal (dx_writer_checkpoint (f->w, &changed), TLY_OK);
     assert_int_equal (mdb_txn_commit (txn), 0);
     dx_writer_end (f->w, true);
 }

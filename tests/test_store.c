@@ -570,6 +570,44 @@ test_dedup_abort_merge (void **state)
     tly_store_close (&s);
 }
 
+/*  Checkpoints alone, with no appends between them (tallyd at rest, and
+    at its stop), keep the slice of maintenance each one does: a merge
+    under way ends, and every key is still found. */
+static void
+test_dedup_checkpoints_keep_maintenance (void **state)
+{
+    fixture *f = *state;
+    tly_store *s;
+    tly_writer *w;
+    tly_reader *r;
+    const char *why = NULL;
+    open_lsm (f, 64, &s, &w, &r);
+    int n = 0;
+    size_t builds = 0, dead = 0;
+    for (int c = 0; c < 200 && !builds; c++) {
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        for (int i = 0; i < 16; i++, n++)
+            assert_int_equal (append_key (w, s, n), TLY_OK);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+        tly_writer_dedup_backlog (w, &builds, &dead);
+    }
+    assert_true (builds > 0);
+    /*  The backlog as a new txn sees it: an aborted txn's writer has
+        forgotten its builds until the next begin loads them again. */
+    for (int c = 0; c < 1000 && (builds || dead); c++) {
+        assert_int_equal (tly_writer_checkpoint (w, &why), TLY_OK);
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        tly_writer_dedup_backlog (w, &builds, &dead);
+        tly_writer_abort (w);
+    }
+    assert_int_equal (builds, 0);
+    assert_int_equal (dead, 0);
+    check_all_found (s, w, r, n);
+    tly_reader_destroy (&r);
+    tly_writer_destroy (&w);
+    tly_store_close (&s);
+}
+
 /*  Commits until a merge is half done, then the writer goes away (as in
     a crash: the state is what the last commit left).  Reopened, every key
     is found, the half-built run goes on from where it stopped (its build
@@ -1160,6 +1198,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_dedup_lsm, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_hash_formula, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_abort_merge, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_checkpoints_keep_maintenance, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_restart_mid_merge, setup, teardown),
         cmocka_unit_test_setup_teardown (test_migrate_format_5, setup, teardown),
         cmocka_unit_test_setup_teardown (test_covered_checked, setup, teardown),
