@@ -570,6 +570,26 @@ test_dedup_abort_merge (void **state)
     tly_store_close (&s);
 }
 
+/*  Commits of 16 keys (budget 2 * 16 + 32 per job: a 512-key merge takes
+    several commits) until a merge is under way; n: keys appended. */
+static void
+commit_until_merging (fixture *f, tly_store *s, tly_writer *w, tly_reader *r, int *n,
+                      size_t *builds, size_t *dead)
+{
+    const char *why = NULL;
+    *builds = *dead = 0;
+    for (int c = 0; c < 200; c++) {
+        assert_int_equal (tly_writer_begin (w), TLY_OK);
+        for (int i = 0; i < 16; i++, (*n)++)
+            assert_int_equal (append_key (w, s, *n), TLY_OK);
+        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
+        tly_writer_dedup_backlog (w, builds, dead);
+        if (live_runs (r) >= 8 && *builds > 0)
+            break;
+    }
+    assert_true (*builds > 0);
+}
+
 /*  Checkpoints alone, with no appends between them (tallyd at rest, and
     at its stop), keep the slice of maintenance each one does: a merge
     under way ends, and every key is still found. */
@@ -583,15 +603,8 @@ test_dedup_checkpoints_keep_maintenance (void **state)
     const char *why = NULL;
     open_lsm (f, 64, &s, &w, &r);
     int n = 0;
-    size_t builds = 0, dead = 0;
-    for (int c = 0; c < 200 && !builds; c++) {
-        assert_int_equal (tly_writer_begin (w), TLY_OK);
-        for (int i = 0; i < 16; i++, n++)
-            assert_int_equal (append_key (w, s, n), TLY_OK);
-        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
-        tly_writer_dedup_backlog (w, &builds, &dead);
-    }
-    assert_true (builds > 0);
+    size_t builds, dead;
+    commit_until_merging (f, s, w, r, &n, &builds, &dead);
     /*  The backlog as a new txn sees it: an aborted txn's writer has
         forgotten its builds until the next begin loads them again. */
     for (int c = 0; c < 1000 && (builds || dead); c++) {
@@ -622,19 +635,8 @@ test_dedup_restart_mid_merge (void **state)
     const char *why = NULL;
     open_lsm (f, 64, &s, &w, &r);
     int n = 0;
-    size_t builds = 0, dead = 0;
-    /*  Commits of 16 keys: budget 2 * 16 + 32 per job, a 512-key merge
-        takes several commits. */
-    for (int c = 0; c < 200; c++) {
-        assert_int_equal (tly_writer_begin (w), TLY_OK);
-        for (int i = 0; i < 16; i++, n++)
-            assert_int_equal (append_key (w, s, n), TLY_OK);
-        assert_int_equal (tly_writer_commit (w, f->sk, NULL, &why), TLY_OK);
-        tly_writer_dedup_backlog (w, &builds, &dead);
-        if (live_runs (r) >= 8 && builds > 0)
-            break;
-    }
-    assert_true (builds > 0);
+    size_t builds, dead;
+    commit_until_merging (f, s, w, r, &n, &builds, &dead);
     close_lsm (&s, &w, &r);
     open_lsm (f, 64, &s, &w, &r);
     check_all_found (s, w, r, n);
