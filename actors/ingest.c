@@ -3,8 +3,11 @@
     It reads every request from the API ROUTER socket, bounds and validates
     it before msgpack-c allocates anything, and then:
       - ingest: decodes and checks each event (PROTOCOL.md s2), encodes the
-        valid ones' canonical tails, and sends them to the receipt actor in
-        one APPEND; invalid events are answered `rejected/invalid` in place;
+        valid ones' canonical tails, looks their idempotency keys up in the
+        index's sorted runs (a read snapshot: the part of deduplication
+        that need not wait for the writer), and sends them to the receipt
+        actor in one APPEND; invalid events are answered `rejected/invalid`
+        in place;
       - get, sth, proof, consistency, pubkey: answers from an LMDB read
         snapshot, which never waits for the writer;
       - quota: asks the quota actor.
@@ -60,6 +63,7 @@ typedef struct {
     tly_buf out;                    /* reply bodies */
     tly_buf msg;                    /* link messages */
     tly_buf tails;
+    uint32_t asked[TLY_DEDUP_RUNS_MAX];     /* the runs of the snapshot's index */
 } ingest_t;
 
 /* ---- the read snapshot ---- */
@@ -469,9 +473,16 @@ op_ingest (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpa
     }
     s->n = n;
     s->why = why;
-    /*  Pass 2: the APPEND message, valid events only, in order. */
+    /*  Pass 2: the APPEND message, valid events only, in order, each
+        looked up in the index's runs as this burst's snapshot has them
+        (proto.h): the single writer then asks only L0 and any run
+        published since, and this thread's core takes the rest. */
+    size_t nasked = 0;
+    bool asked = snapshot (self) == TLY_OK
+              && tly_reader_dedup_runs (self->reader, self->asked, &nasked) == TLY_OK
+              && nasked > 0;
     msgpack_packer pk;
-    tly_link_begin (&self->msg, &pk, 3, TLY_MSG_APPEND, slot_ctx (self, s));
+    tly_link_begin (&self->msg, &pk, 4, TLY_MSG_APPEND, slot_ctx (self, s));
     msgpack_pack_array (&pk, valid);
     for (uint32_t i = 0; i < n; i++) {
         if (why[i])
@@ -484,8 +495,18 @@ op_ingest (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpa
                         .tail = { (const char *) self->tails.data + start, tail_end[i] - start } };
         /*  Here rather than in receipt: the single writer is the bottleneck. */
         tly_store_dedup_hash (self->env->store, &ev.customer, &ev.key, it.dedup);
+        if (asked) {
+            int rc = tly_reader_lookup_runs (self->reader, it.dedup, &it.seq);
+            it.found = rc == TLY_OK;
+            /*  Unreadable: receipt asks the whole index (and reports it). */
+            asked = rc == TLY_OK || rc == TLY_ENOTFOUND;
+        }
         tly_item_pack (&pk, &it);
     }
+    if (asked)
+        tly_asked_pack (&pk, self->asked, nasked);
+    else
+        msgpack_pack_nil (&pk);
     free (tail_end);
     int rc = self->tails.oom ? TLY_ENOMEM : tly_link_send (self->receipt, &self->msg, false);
     if (rc) {

@@ -92,7 +92,7 @@ tly_obj_uint (const msgpack_object *o, uint64_t *out)
 void
 tly_item_pack (msgpack_packer *pk, const tly_item *it)
 {
-    msgpack_pack_array (pk, 8);
+    msgpack_pack_array (pk, it->found ? 9 : 8);
     msgpack_pack_uint32 (pk, it->idx);
     tly_pack_bin (pk, it->tail.ptr, it->tail.len);
     tly_pack_str (pk, it->customer.ptr, it->customer.len);
@@ -101,14 +101,19 @@ tly_item_pack (msgpack_packer *pk, const tly_item *it)
     msgpack_pack_uint64 (pk, it->qty);
     msgpack_pack_uint64 (pk, it->ts);
     tly_pack_bin (pk, it->dedup, TLY_DEDUP_LEN);
+    if (it->found)
+        msgpack_pack_uint64 (pk, it->seq);
 }
 
 int
 tly_item_decode (const msgpack_object *o, tly_item *it)
 {
-    if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 8)
+    if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size < 8 || o->via.array.size > 9)
         return TLY_EINVAL;
     const msgpack_object *f = o->via.array.ptr;
+    it->found = o->via.array.size == 9;
+    if (it->found && tly_obj_uint (&f[8], &it->seq))
+        return TLY_EINVAL;
     uint64_t idx;
     if (tly_obj_uint (&f[0], &idx) || idx >= TLY_BATCH_MAX
     ||  f[1].type != MSGPACK_OBJECT_BIN
@@ -123,6 +128,34 @@ tly_item_decode (const msgpack_object *o, tly_item *it)
     it->idx = (uint32_t) idx;
     it->tail.ptr = f[1].via.bin.ptr;
     it->tail.len = f[1].via.bin.size;
+    return TLY_OK;
+}
+
+void
+tly_asked_pack (msgpack_packer *pk, const uint32_t *ids, size_t n)
+{
+    msgpack_pack_bin (pk, (uint32_t) (n * 4));
+    for (size_t i = 0; i < n; i++) {
+        uint8_t be[4] = { (uint8_t) (ids[i] >> 24), (uint8_t) (ids[i] >> 16),
+                          (uint8_t) (ids[i] >> 8), (uint8_t) ids[i] };
+        msgpack_pack_bin_body (pk, be, 4);
+    }
+}
+
+int
+tly_asked_decode (const msgpack_object *o, uint32_t *ids, size_t *n)
+{
+    *n = 0;
+    if (!o || o->type != MSGPACK_OBJECT_BIN || o->via.bin.size % 4
+    ||  o->via.bin.size / 4 > TLY_DEDUP_RUNS_MAX)
+        return TLY_EINVAL;
+    const uint8_t *p = (const uint8_t *) o->via.bin.ptr;
+    for (size_t i = 0; i < o->via.bin.size / 4; i++, p += 4) {
+        ids[i] = (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 | (uint32_t) p[2] << 8 | p[3];
+        if (i > 0 && ids[i] <= ids[i - 1])
+            return TLY_EINVAL;
+    }
+    *n = o->via.bin.size / 4;
     return TLY_OK;
 }
 

@@ -6,9 +6,16 @@
     restarting wait for it instead of being lost.
 
       ingest  -> receipt  APPEND  [1, ctx, [[idx, tail, customer, key, meter, qty, ts,
-                                             dedup]...]]   dedup: the 16-byte keyed
-                                  hash of (customer, key), computed by ingest so the
-                                  single writer does not
+                                             dedup, seq?]...], asked?]   dedup: the
+                                  16-byte keyed hash of (customer, key), computed by
+                                  ingest so the single writer does not.  asked: the
+                                  ids (u32 big-endian, ascending, in one bin) of the
+                                  index's runs ingest looked each event up in
+                                  (tly_reader_lookup_runs), and seq where it found
+                                  one: receipt asks only the rest of the index
+                                  (tly_writer_lookup_beyond), and reads entry seq
+                                  instead of looking the key up.  Without asked,
+                                  receipt asks the whole index
       receipt -> ingest   RESULTS [4, 0, sth | nil, [reply...]]   the replies of one group
                                   reply: [ctx, [[idx, status, seq, recv_ts, leaf]
                                                 | [idx, 3, code, message]...]]
@@ -62,6 +69,8 @@ typedef struct {
     uint64_t qty;
     uint64_t ts;
     uint8_t dedup[TLY_DEDUP_LEN];   /* tly_store_dedup_hash (customer, key) */
+    bool found;                     /* ingest found dedup in the runs it asked: */
+    uint64_t seq;                   /* at this entry */
 } tly_item;
 
 typedef struct {
@@ -99,6 +108,11 @@ const msgpack_object *tly_link_field (const tly_link_msg *m, uint32_t i);
 
 void tly_item_pack (msgpack_packer *pk, const tly_item *it);
 int tly_item_decode (const msgpack_object *o, tly_item *it);
+/*  An APPEND's asked runs: packs ids[n] (ascending); decodes field o
+    into ids (room for TLY_DEDUP_RUNS_MAX), TLY_EINVAL unless a bin of
+    at most that many ids, strictly ascending. */
+void tly_asked_pack (msgpack_packer *pk, const uint32_t *ids, size_t n);
+int tly_asked_decode (const msgpack_object *o, uint32_t *ids, size_t *n);
 void tly_outcome_pack (msgpack_packer *pk, const tly_outcome *oc);
 int tly_outcome_decode (const msgpack_object *o, tly_outcome *oc);
 

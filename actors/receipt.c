@@ -8,7 +8,9 @@
 
     Per event, in order:
       1. dedup: (customer, key) already in the ledger -> duplicate when the
-         canonical tails are byte-equal, else conflict;
+         canonical tails are byte-equal, else conflict (ingest has looked
+         the key up in the index's runs of its snapshot: we read the entry
+         it found, or ask only L0 and the runs published since);
       2. admission: the new events of a *round* that a limit applies to go
          to the quota actor in one ADMIT; a round ends early when a key
          repeats inside it, so the repeat is judged against the first once
@@ -49,6 +51,12 @@ typedef struct {
     tly_outcome out;
 } work_t;
 
+/*  What group_decode found in one message of the group. */
+typedef struct {
+    bool bad;                       /* not an APPEND we can read: failed whole */
+    size_t asked_at, nasked;        /* its asked runs, in self->asked */
+} msg_info;
+
 typedef struct {
     tly_child_ctx *ctx;
     tly_actor_env *env;
@@ -58,8 +66,10 @@ typedef struct {
     zpoller_t *wait_poller;         /* quota link + pipe, while admitting */
 
     tly_link_msg *msgs;
-    bool *msg_bad;
+    msg_info *info;                 /* per message, as msgs */
     size_t nmsgs, msgs_cap;
+    uint32_t *asked;                /* the messages' asked runs, one after another */
+    size_t nasked, asked_cap;
     work_t *work;
     size_t nwork, work_cap;
     uint32_t *pending;              /* indices into work: this round's new events */
@@ -143,7 +153,7 @@ send_replies (receipt_t *self, const tly_sth *sth, const char *code, const char 
             size_t first = w;
             while (!code && w < self->nwork && self->work[w].msg == i)
                 w++;
-            if (code || self->msg_bad[i]) {
+            if (code || self->info[i].bad) {
                 msgpack_pack_array (&pk, 3);
                 msgpack_pack_uint64 (&pk, self->msgs[i].ctx);
                 tly_pack_cstr (&pk, code ? code : "internal");
@@ -330,34 +340,26 @@ reject (work_t *w, const char *code, const char *message)
     w->out.message = message;
 }
 
-/*  1 when the key is already in the ledger (outcome set), 0 when new. */
+/*  Entry seq, read for w: 1 with w's outcome set (duplicate or conflict)
+    when it holds w's customer and key; TLY_EINVAL when it holds others;
+    TLY_ENOTFOUND when there is no such entry; TLY_ECORRUPT when it does
+    not decode. */
 static int
-judge_existing (receipt_t *self, work_t *w)
+judge_entry (receipt_t *self, work_t *w, uint64_t seq)
 {
-    uint64_t seq;
-    int rc = tly_writer_lookup (self->writer, w->item.dedup, &seq);
-    if (rc == TLY_ENOTFOUND)
-        return 0;
-    if (rc)
-        return rc;
     const uint8_t *leaf;
     size_t len, tail_off;
     tly_entry e;
+    int rc;
+    if (seq >= tly_writer_next_seq (self->writer))
+        return TLY_ENOTFOUND;
     if ((rc = tly_writer_leaf (self->writer, seq, &leaf, &len))
-    ||  (rc = tly_leaf_decode (leaf, len, &e, &tail_off))) {
-        tly_error (WHO, "entry %llu named by the idempotency index is unreadable (%s): "
-                        "the ledger is corrupt; run `tally ctl verify`",
-                   (unsigned long long) seq, tly_strerror (rc));
-        return TLY_ECORRUPT;
-    }
+    ||  (rc = tly_leaf_decode (leaf, len, &e, &tail_off)))
+        return rc == TLY_ENOTFOUND ? rc : TLY_ECORRUPT;
     if (e.ev.customer.len != w->item.customer.len || e.ev.key.len != w->item.key.len
     ||  memcmp (e.ev.customer.ptr, w->item.customer.ptr, e.ev.customer.len)
-    ||  memcmp (e.ev.key.ptr, w->item.key.ptr, e.ev.key.len)) {
-        /*  A 128-bit keyed-hash collision: astronomically unlikely. */
-        tly_error (WHO, "idempotency index collision at entry %llu", (unsigned long long) seq);
-        reject (w, "internal", "idempotency index collision; contact the operator");
-        return 1;
-    }
+    ||  memcmp (e.ev.key.ptr, w->item.key.ptr, e.ev.key.len))
+        return TLY_EINVAL;
     w->out.seq = seq;
     if (len - tail_off == w->item.tail.len
     &&  memcmp (leaf + tail_off, w->item.tail.ptr, w->item.tail.len) == 0) {
@@ -368,6 +370,47 @@ judge_existing (receipt_t *self, work_t *w)
     }
     w->out.status = TLY_ST_CONFLICT;
     return 1;
+}
+
+/*  1 when the key is already in the ledger (outcome set), 0 when new.
+    Ingest has looked it up in the runs its message names (proto.h): it
+    is either found there (item.seq, checked against the entry) or, if
+    anywhere, in L0 or a run published since. */
+static int
+judge_existing (receipt_t *self, work_t *w)
+{
+    const msg_info *info = &self->info[w->msg];
+    const uint32_t *asked = self->asked + info->asked_at;
+    size_t nasked = info->nasked;
+    uint64_t seq;
+    int rc;
+    if (w->item.found) {
+        if ((rc = judge_entry (self, w, w->item.seq)) == 1)
+            return 1;
+        tly_error (WHO, "ingest named entry %llu for an event that is not there (%s): "
+                        "asking the whole index instead; run `tally ctl verify`",
+                   (unsigned long long) w->item.seq, tly_strerror (rc));
+        nasked = 0;
+    }
+    rc = tly_writer_lookup_beyond (self->writer, w->item.dedup, asked, nasked, &seq);
+    if (rc == TLY_ENOTFOUND)
+        return 0;
+    if (rc)
+        return rc;
+    rc = judge_entry (self, w, seq);
+    if (rc == TLY_EINVAL) {
+        /*  A 128-bit keyed-hash collision: astronomically unlikely. */
+        tly_error (WHO, "idempotency index collision at entry %llu", (unsigned long long) seq);
+        reject (w, "internal", "idempotency index collision; contact the operator");
+        return 1;
+    }
+    if (rc == TLY_ENOTFOUND || rc == TLY_ECORRUPT) {
+        tly_error (WHO, "entry %llu named by the idempotency index is unreadable (%s): "
+                        "the ledger is corrupt; run `tally ctl verify`",
+                   (unsigned long long) seq, tly_strerror (rc));
+        return TLY_ECORRUPT;
+    }
+    return rc;
 }
 
 static int
@@ -501,17 +544,47 @@ grow (void **p, size_t *cap, size_t need, size_t size)
     return TLY_OK;
 }
 
+/*  Message i's asked runs (proto.h, APPEND) into self->asked: none when
+    it names none (nil or absent: ingest could not ask), and none, with a
+    complaint, when they do not decode (a bug in ingest; asking the whole
+    index is always right). */
+static int
+group_asked (receipt_t *self, size_t i)
+{
+    msg_info *info = &self->info[i];
+    const msgpack_object *o = tly_link_field (&self->msgs[i], 3);
+    info->asked_at = self->nasked;
+    info->nasked = 0;
+    if (!o || o->type == MSGPACK_OBJECT_NIL)
+        return TLY_OK;
+    if (grow ((void **) &self->asked, &self->asked_cap, self->nasked + TLY_DEDUP_RUNS_MAX,
+              sizeof *self->asked))
+        return TLY_ENOMEM;
+    if (tly_asked_decode (o, self->asked + self->nasked, &info->nasked)) {
+        tly_error (WHO, "a message from ingest names its runs wrongly (a bug): asking the "
+                        "whole index for its events");
+        info->nasked = 0;
+    }
+    self->nasked += info->nasked;
+    return TLY_OK;
+}
+
 /*  Decodes the group's items into self->work. */
 static int
 group_decode (receipt_t *self)
 {
+    int rc;
     self->nwork = 0;
+    self->nasked = 0;
     for (size_t i = 0; i < self->nmsgs; i++) {
         const msgpack_object *arr = tly_link_field (&self->msgs[i], 2);
-        self->msg_bad[i] = self->msgs[i].type != TLY_MSG_APPEND || !arr
-                        || arr->type != MSGPACK_OBJECT_ARRAY;
-        if (self->msg_bad[i])
+        msg_info *info = &self->info[i];
+        info->bad = self->msgs[i].type != TLY_MSG_APPEND || !arr
+                 || arr->type != MSGPACK_OBJECT_ARRAY;
+        if (info->bad)
             continue;
+        if ((rc = group_asked (self, i)))
+            return rc;
         size_t before = self->nwork;
         if (grow ((void **) &self->work, &self->work_cap, self->nwork + arr->via.array.size,
                   sizeof *self->work))
@@ -521,7 +594,7 @@ group_decode (receipt_t *self)
             memset (w, 0, sizeof *w);
             w->msg = (uint32_t) i;
             if (tly_item_decode (&arr->via.array.ptr[k], &w->item)) {
-                self->msg_bad[i] = true;
+                info->bad = true;
                 self->nwork = before;
                 break;
             }
@@ -640,10 +713,10 @@ group_collect (receipt_t *self)
         if (grow ((void **) &self->msgs, &self->msgs_cap, self->nmsgs + 1, sizeof *self->msgs))
             return TLY_ENOMEM;
         size_t cap = self->msgs_cap;
-        bool *bad = realloc (self->msg_bad, cap * sizeof *bad);
-        if (!bad)
+        msg_info *info = realloc (self->info, cap * sizeof *info);
+        if (!info)
             return TLY_ENOMEM;
-        self->msg_bad = bad;
+        self->info = info;
         tly_link_msg *m = &self->msgs[self->nmsgs];
         int rc = tly_link_recv (self->in, m);
         if (rc == TLY_EIO) {
@@ -702,7 +775,8 @@ receipt_free (receipt_t *self)
     tly_writer_destroy (&self->writer);
     zpoller_destroy (&self->wait_poller);
     free (self->msgs);
-    free (self->msg_bad);
+    free (self->info);
+    free (self->asked);
     free (self->work);
     free (self->pending);
     free (self->set);

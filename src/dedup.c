@@ -1,6 +1,7 @@
 /*  dedup.c -- the idempotency index: tiered sorted runs over an
     in-memory L0, Bloom filters, and the bounded builds that keep it small
     (see dedup.h). */
+#include <assert.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -188,26 +189,6 @@ static bool
 bloom_maybe (const dx_run *run, const uint8_t key[TLY_DEDUP_LEN])
 {
     return !run->bits || bloom_test (run->bits, run->nblocks, key);
-}
-
-/*  The filter blocks a lookup of key reads first (each group's and each
-    lone run's), fetched ahead: each is most likely a cache miss in a
-    different filter; issued together the misses overlap (and overlap the
-    L0 lookups) instead of queueing one behind the other. */
-static void
-bloom_prefetch (const dx_view *view, const uint8_t key[TLY_DEDUP_LEN])
-{
-#if defined(__GNUC__)
-    for (size_t i = 0; i < view->ng; i++)
-        if (view->groups[i].live)
-            __builtin_prefetch (bloom_block (view->groups[i].bits, view->groups[i].nblocks, key));
-    for (size_t i = 0; i < view->n; i++)
-        if (view->runs[i].bits && view->runs[i].group < 0)
-            __builtin_prefetch (bloom_block (view->runs[i].bits, view->runs[i].nblocks, key));
-#else
-    (void) view;
-    (void) key;
-#endif
 }
 
 /*  A build's filter (BLOOM_HDR + nblocks * BLOOM_BLOCK bytes, header
@@ -755,23 +736,81 @@ dx_view_free (dx_view *view)
     memset (view, 0, sizeof *view);
 }
 
+/*  Which runs a lookup asks: ask[i] for run i of the view, unless its
+    id is in skip (ascending).  Both lists ascend, so one pass. */
+static void
+lookup_mark (const dx_view *view, const uint32_t *skip, size_t nskip, uint8_t *ask)
+{
+    size_t j = 0;
+    for (size_t i = 0; i < view->n; i++) {
+        uint32_t id = view->runs[i].id;
+        while (j < nskip && skip[j] < id)
+            j++;
+        ask[i] = !(j < nskip && skip[j] == id);
+    }
+}
+
+/*  The filter blocks a lookup of key reads first (the group's of each run
+    asked, or the run's own if it is in no group), fetched ahead: each is
+    most likely a cache miss in a different filter; issued together the
+    misses overlap (and overlap the L0 lookup) instead of queueing one
+    behind the other.  A group prefetched is marked 3 in said (not read
+    yet, like 2), so it is fetched once. */
+static void
+lookup_prefetch (const dx_view *view, const uint8_t *ask, uint8_t *said, size_t nsaid,
+                 const uint8_t key[TLY_DEDUP_LEN])
+{
+#if defined(__GNUC__)
+    for (size_t i = 0; i < view->n; i++) {
+        const dx_run *run = &view->runs[i];
+        if (!ask[i])
+            continue;
+        if (run->group < 0) {
+            if (run->bits)
+                __builtin_prefetch (bloom_block (run->bits, run->nblocks, key));
+            continue;
+        }
+        size_t g = (size_t) run->group;
+        if (g < nsaid && said[g] == 3)
+            continue;
+        if (g < nsaid)
+            said[g] = 3;
+        __builtin_prefetch (bloom_block (view->groups[g].bits, view->groups[g].nblocks, key));
+    }
+#else
+    (void) view;
+    (void) ask;
+    (void) said;
+    (void) nsaid;
+    (void) key;
+#endif
+}
+
 /*  L0, then the runs newest first; each key is visible in exactly one
     place, so the order only matters for speed (recent keys are hot).  A
     run in a group is asked only if its group may hold the key; each
-    group's filter is read once (said: 0 no, 1 maybe, 2 not asked yet). */
+    group's filter is read once (said: 0 no, 1 maybe, 2 or 3 not read
+    yet). */
 int
-dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
-           const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq)
+dx_lookup_in (const dx_tables *t, MDB_txn *txn, dx_view *view,
+              const uint8_t key[TLY_DEDUP_LEN], bool with_l0, const uint32_t *skip,
+              size_t nskip, uint64_t *seq)
 {
     MDB_val k = { TLY_DEDUP_LEN, (void *) key }, v;
-    uint8_t said[DX_SLOTS];
+    uint8_t ask[DX_SLOTS], said[DX_SLOTS];
     size_t nsaid = view->ng < DX_SLOTS ? view->ng : DX_SLOTS;
-    bloom_prefetch (view, key);
-    if (l0_find (&view->l0, key, seq) == TLY_OK)
-        return TLY_OK;
+    /*  Each visible run has a table of its own (dx_view_load refuses two
+        in one, builds take a free one). */
+    assert (view->n <= DX_SLOTS);
+    lookup_mark (view, skip, nskip, ask);
     memset (said, 2, nsaid);
+    lookup_prefetch (view, ask, said, nsaid, key);
+    if (with_l0 && l0_find (&view->l0, key, seq) == TLY_OK)
+        return TLY_OK;
     for (size_t i = view->n; i-- > 0;) {
         const dx_run *run = &view->runs[i];
+        if (!ask[i])
+            continue;
         if (run->group >= 0) {
             size_t g = (size_t) run->group;
             const dx_group *grp = &view->groups[g];
@@ -780,7 +819,7 @@ dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
                     continue;
             }
             else {
-                if (said[g] == 2)
+                if (said[g] >= 2)
                     said[g] = bloom_test (grp->bits, grp->nblocks, key);
                 if (!said[g])
                     continue;
@@ -802,6 +841,22 @@ dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
             return TLY_EIO;
     }
     return TLY_ENOTFOUND;
+}
+
+int
+dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
+           const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq)
+{
+    return dx_lookup_in (t, txn, view, key, true, NULL, 0, seq);
+}
+
+void
+dx_view_ids (const dx_view *view, uint32_t ids[DX_SLOTS], size_t *n)
+{
+    assert (view->n <= DX_SLOTS);
+    for (size_t i = 0; i < view->n; i++)
+        ids[i] = view->runs[i].id;
+    *n = view->n;
 }
 
 /* ---- the scrubber's scan ---- */
@@ -1466,6 +1521,13 @@ int
 dx_writer_lookup (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq)
 {
     return dx_lookup (self->t, self->txn, &self->view, key, seq);
+}
+
+int
+dx_writer_lookup_in (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], const uint32_t *skip,
+                     size_t nskip, uint64_t *seq)
+{
+    return dx_lookup_in (self->t, self->txn, &self->view, key, true, skip, nskip, seq);
 }
 
 int

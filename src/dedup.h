@@ -143,6 +143,19 @@ void dx_view_free (dx_view *view);
 /*  In a view loaded and synced: TLY_OK with *seq, or TLY_ENOTFOUND. */
 int dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
                const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq);
+/*  Part of dx_lookup: L0 only if with_l0, and only the runs whose ids are
+    not in skip (ascending; ids of runs no longer visible are ignored).
+    Safe for the caller who looked the key up in the runs of an earlier
+    snapshot and skips exactly those: a run's keys never change while it
+    is visible and a run id is never used again (ids grow, and the highest
+    one ever published stays visible: only a merge retires runs, and its
+    output's id is above its inputs'), so a key in one of the skipped runs
+    was there when the caller looked. */
+int dx_lookup_in (const dx_tables *t, MDB_txn *txn, dx_view *view,
+                  const uint8_t key[TLY_DEDUP_LEN], bool with_l0, const uint32_t *skip,
+                  size_t nskip, uint64_t *seq);
+/*  The ids of the view's runs, ascending (at most DX_SLOTS). */
+void dx_view_ids (const dx_view *view, uint32_t ids[DX_SLOTS], size_t *n);
 /*  tly_reader_dedup_scan (store.h). */
 int dx_scan (const dx_tables *t, MDB_txn *txn, const dx_view *view, const uint8_t *after,
              size_t count, tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN],
@@ -157,6 +170,9 @@ void dx_writer_destroy (dx_writer **self_p);
     L0 from the log's tail). */
 int dx_writer_begin (dx_writer *self, MDB_txn *txn, uint64_t size);
 int dx_writer_lookup (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq);
+/*  dx_lookup_in L0 and the runs not in skip, in the writer's txn. */
+int dx_writer_lookup_in (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], const uint32_t *skip,
+                         size_t nskip, uint64_t *seq);
 /*  Puts key into L0 as the key of entry seq, which must be the entry
     appended next (TLY_EINVAL otherwise): TLY_EEXIST if L0 has it already
     (the caller has asked dx_writer_lookup about the rest of the index). */

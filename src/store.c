@@ -587,6 +587,26 @@ tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_
     return rc ? rc : dx_lookup (&self->store->dx, self->txn, &self->view, dedup, seq);
 }
 
+_Static_assert (TLY_DEDUP_RUNS_MAX == DX_SLOTS, "a run per table at most");
+
+int
+tly_reader_dedup_runs (tly_reader *self, uint32_t ids[TLY_DEDUP_RUNS_MAX], size_t *n)
+{
+    *n = 0;
+    int rc = reader_view (self);
+    if (!rc)
+        dx_view_ids (&self->view, ids, n);
+    return rc;
+}
+
+int
+tly_reader_lookup_runs (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq)
+{
+    int rc = reader_view (self);
+    return rc ? rc : dx_lookup_in (&self->store->dx, self->txn, &self->view, dedup, false,
+                                   NULL, 0, seq);
+}
+
 _Static_assert (TLY_DEDUP_TIERS == DX_TIERS, "store.h names the dedup index's tiers");
 
 int
@@ -837,6 +857,13 @@ int
 tly_writer_lookup (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq)
 {
     return dx_writer_lookup (self->dx, dedup, seq);
+}
+
+int
+tly_writer_lookup_beyond (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN],
+                          const uint32_t *asked, size_t nasked, uint64_t *seq)
+{
+    return dx_writer_lookup_in (self->dx, dedup, asked, nasked, seq);
 }
 
 int

@@ -25,6 +25,13 @@ typedef struct {
     uint64_t n;                     /* committed keys: seq 0 .. n - 1 */
     uint64_t rng;
     size_t max_l0;                  /* keys in L0 before a commit's maintenance */
+    /*  A snapshot taken some commits ago, as the ingest actor's: lookups
+        ask its runs first and the writer only the rest (lookup_split). */
+    MDB_txn *early;
+    dx_view early_view;
+    uint32_t early_ids[DX_SLOTS];
+    size_t early_n;
+    uint64_t found_early, found_after;  /* keys found in its runs / by the writer */
 } fixture;
 
 static uint64_t
@@ -91,10 +98,13 @@ setup (void **state)
     return 0;
 }
 
+static void early_end (fixture *f);
+
 static int
 teardown (void **state)
 {
     fixture *f = *state;
+    early_end (f);
     dx_writer_destroy (&f->w);
     mdb_env_close (f->env);
     char cmd[128];
@@ -102,6 +112,47 @@ teardown (void **state)
     if (system (cmd)) { /* best effort */ }
     free (f);
     return 0;
+}
+
+/*  The earlier snapshot, taken now (its runs' ids too), or let go. */
+static void
+early_begin (fixture *f)
+{
+    assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &f->early), 0);
+    assert_int_equal (dx_view_load (&f->t, f->early, &f->early_view), TLY_OK);
+    dx_view_ids (&f->early_view, f->early_ids, &f->early_n);
+    for (size_t i = 1; i < f->early_n; i++)
+        assert_true (f->early_ids[i - 1] < f->early_ids[i]);
+}
+
+static void
+early_end (fixture *f)
+{
+    if (f->early) {
+        dx_view_free (&f->early_view);
+        mdb_txn_abort (f->early);
+        f->early = NULL;
+    }
+}
+
+/*  A lookup in the writer's txn as the receipt actor makes it: when there
+    is an earlier snapshot, its runs (never its L0) are asked first, and
+    the writer then skips them.  Between the two, flushes and merges may
+    have moved the key out of L0 or into a merged run, and the writer may
+    have restarted or lost a txn: the answer must be the full lookup's. */
+static int
+lookup_split (fixture *f, const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq)
+{
+    if (!f->early)
+        return dx_writer_lookup (f->w, key, seq);
+    int rc = dx_lookup_in (&f->t, f->early, &f->early_view, key, false, NULL, 0, seq);
+    if (rc == TLY_OK)
+        f->found_early++;
+    if (rc != TLY_ENOTFOUND)
+        return rc;
+    rc = dx_writer_lookup_in (f->w, key, f->early_ids, f->early_n, seq);
+    f->found_after += rc == TLY_OK;
+    return rc;
 }
 
 /*  One txn of `count` new keys with some lookups of old ones, the slice
@@ -119,13 +170,13 @@ txn_round (fixture *f, uint64_t count, bool commit)
     for (uint64_t i = 0; i < count; i++) {
         uint64_t s = f->n + i;
         key_of (s, commit ? 0 : 1, key);
-        assert_int_equal (dx_writer_lookup (f->w, key, &seq), TLY_ENOTFOUND);
+        assert_int_equal (lookup_split (f, key, &seq), TLY_ENOTFOUND);
         assert_int_equal (dx_writer_insert (f->w, key, s), TLY_OK);
         assert_int_equal (dx_writer_insert (f->w, key, s), TLY_EEXIST);
         if (f->n) {
             uint64_t old = below (f, f->n);
             key_of (old, 0, key);
-            assert_int_equal (dx_writer_lookup (f->w, key, &seq), TLY_OK);
+            assert_int_equal (lookup_split (f, key, &seq), TLY_OK);
             assert_int_equal (seq, old);
         }
     }
@@ -364,6 +415,10 @@ model (fixture *f, uint64_t legacy_until)
     for (int round = 1; f->n < KEYS_MAX - 200; round++) {
         uint64_t count = 1 + below (f, below (f, 4) ? 24 : 180);
         bool commit = below (f, 5) != 0;
+        if (f->early && below (f, 8) == 0)
+            early_end (f);
+        if (!f->early && below (f, 3) == 0)
+            early_begin (f);
         txn_round (f, count, commit);
         aborts += !commit;
         for (unsigned j = 0; j < DX_TIERS && check_v1; j++) {
@@ -430,6 +485,8 @@ model (fixture *f, uint64_t legacy_until)
         }
     }
     assert_true (aborts > 0 && restarts > 0 && scans > 0 && checkpoints > 0);
+    assert_true (f->found_early > 0 && f->found_after > 0);
+    early_end (f);
     assert_true (legacy_until == 0 || mixed > 0);   /* both layouts read in one view */
     assert_true (legacy_until == 0 || (builds_v1 > 0 && resumed_v1 > 0));
 
@@ -458,10 +515,72 @@ model (fixture *f, uint64_t legacy_until)
     assert_int_equal (used, view.n);
     print_message ("dedup model: %llu keys, %d aborted txns, %d restarts (%d after a "
                    "checkpoint), %d scans, %zu runs (%zu in %zu groups, %zu filling), "
-                   "%d checks with both layouts\n", (unsigned long long) f->n, aborts, restarts,
-                   checkpoints, scans, view.n, grouped, ngroups, partial, mixed);
+                   "%d checks with both layouts; split lookups found %llu keys in an "
+                   "earlier snapshot's runs, %llu after it\n", (unsigned long long) f->n, aborts,
+                   restarts, checkpoints, scans, view.n, grouped, ngroups, partial, mixed,
+                   (unsigned long long) f->found_early, (unsigned long long) f->found_after);
     view_end (txn, &view);
     free (c.seen);
+}
+
+/*  The split lookup step by step: a snapshot's runs are asked, then the
+    writer skips exactly those.  Keys that were in L0 at the snapshot and
+    are in a run now, and keys whose run was merged into a new one, are
+    found by the writer; a key in a run the caller names is left to the
+    caller. */
+static void
+test_dedup_lookup_split (void **state)
+{
+    fixture *f = *state;
+    for (int i = 0; i < 3; i++) {           /* three runs of tier 0 */
+        txn_round (f, 64, true);
+        finish_all (f);
+    }
+    txn_round (f, 30, true);                /* in L0 */
+    early_begin (f);
+    assert_int_equal (f->early_n, 3);
+    assert_int_equal (f->early_view.covered, 192);
+    for (int i = 0; i < 6; i++) {           /* 9 runs: 8 merge into tier 1 */
+        txn_round (f, 64, true);
+        finish_all (f);
+    }
+    MDB_txn *txn, *now;
+    dx_view view = { 0 };
+    uint8_t key[TLY_DEDUP_LEN];
+    uint64_t seq;
+    assert_int_equal (mdb_txn_begin (f->env, NULL, 0, &txn), 0);
+    assert_int_equal (dx_writer_begin (f->w, txn, f->n), TLY_OK);
+    view_begin (f, &now, &view);
+    uint32_t ids[DX_SLOTS];
+    size_t n;
+    dx_view_ids (&view, ids, &n);
+    for (size_t i = 0; i < f->early_n; i++)
+        for (size_t j = 0; j < n; j++)
+            assert_int_not_equal (f->early_ids[i], ids[j]);     /* all merged away */
+    key_of (5, 0, key);                     /* in a run of the snapshot, merged since */
+    assert_int_equal (dx_lookup_in (&f->t, f->early, &f->early_view, key, false, NULL, 0, &seq),
+                      TLY_OK);
+    assert_int_equal (seq, 5);
+    assert_int_equal (dx_writer_lookup_in (f->w, key, f->early_ids, f->early_n, &seq), TLY_OK);
+    assert_int_equal (seq, 5);
+    assert_int_equal (dx_writer_lookup_in (f->w, key, ids, n, &seq), TLY_ENOTFOUND);
+    key_of (200, 0, key);                   /* in L0 at the snapshot, in a run now */
+    assert_int_equal (dx_lookup_in (&f->t, f->early, &f->early_view, key, false, NULL, 0, &seq),
+                      TLY_ENOTFOUND);
+    assert_int_equal (dx_lookup (&f->t, f->early, &f->early_view, key, &seq), TLY_ENOTFOUND);
+    assert_int_equal (dx_writer_lookup_in (f->w, key, f->early_ids, f->early_n, &seq), TLY_OK);
+    assert_int_equal (seq, 200);
+    key_of (f->n, 0, key);                  /* in L0: appended in this txn */
+    assert_int_equal (dx_writer_insert (f->w, key, f->n), TLY_OK);
+    assert_int_equal (dx_writer_lookup_in (f->w, key, ids, n, &seq), TLY_OK);
+    assert_int_equal (seq, f->n);
+    key_of (3, 1, key);                     /* never inserted */
+    assert_int_equal (dx_writer_lookup_in (f->w, key, f->early_ids, f->early_n, &seq),
+                      TLY_ENOTFOUND);
+    view_end (now, &view);
+    mdb_txn_abort (txn);
+    dx_writer_end (f->w, false);
+    early_end (f);
 }
 
 static void
@@ -1228,6 +1347,7 @@ main (void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown (test_dedup_model, setup, teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_lookup_split, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_model_from_legacy, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_scan_checks_blocks, setup, teardown),
         cmocka_unit_test_setup_teardown (test_dedup_large_commits, setup, teardown),

@@ -842,6 +842,95 @@ test_get_by_key_burst (void **state)
     e2e_pass ();
 }
 
+//  Each key sent twice, in two requests in flight together, while L0 (64
+//  keys here) flushes and merges under them.  Ingest looks each event up
+//  in the index's runs of its snapshot, taken before receipt commits the
+//  first copy: the second is then found in L0, in its own group, or in a
+//  run published in between.  Exactly one copy is accepted and the other
+//  is its duplicate.  Sent again later, when ingest finds most keys in
+//  runs itself, each is a duplicate (same seq and leaf) or, changed, a
+//  conflict.
+static void
+test_dedup_pipelined (void **state)
+{
+    (void) state;
+    enum { REQS = 40, PER = 50, HALF = 25, KEYS = REQS * HALF + HALF, AGAIN = 100 };
+    uint64_t now = wall_ms ();
+    static char keys[KEYS][16];
+    static uint64_t seqs[KEYS];
+    static uint8_t leaves[KEYS][32];
+    static int accepted[KEYS], dups[KEYS];
+    for (int k = 0; k < KEYS; k++) {
+        snprintf (keys[k], sizeof keys[k], "pl-%d", k);
+        seqs[k] = UINT64_MAX;
+    }
+    e2e_conn *c = e2e_conn_new (s_srv->api);
+    assert_non_null (c);
+    tly_buf body;
+    tly_buf_init (&body);
+    tly_event evs[AGAIN];
+    for (int j = 0; j < REQS; j++) {
+        for (int i = 0; i < PER; i++)
+            evs[i] = e2e_event ("pipe-cust", "api.calls", keys[j * HALF + i], 1, now);
+        tly_buf_reset (&body);
+        e2e_pack_ingest (&body, 1000 + (uint64_t) j, evs, PER);
+        assert_false (body.oom);
+        assert_int_equal (e2e_conn_send (c, body.data, body.len), TLY_OK);
+    }
+    e2e_reply r;
+    e2e_reply_init (&r);
+    for (int j = 0; j < REQS; j++) {
+        assert_int_equal (e2e_conn_recv (c, CALL_MS, &r), TLY_OK);
+        E2E_OK (&r);
+        check_reply_sth (&r);
+        uint64_t id = 0;
+        assert_true (e2e_uint (&r.body, "id", &id) && id >= 1000 && id < 1000 + REQS);
+        assert_int_equal (e2e_len (&r.body, "results"), PER);
+        for (int i = 0; i < PER; i++) {
+            int k = (int) (id - 1000) * HALF + i;
+            uint8_t leaf[32];
+            if (strcmp (status_of (&r, (size_t) i), "accepted") == 0)
+                accepted[k]++;
+            else {
+                expect_status (&r, (size_t) i, "duplicate");
+                dups[k]++;
+            }
+            uint64_t seq = result_uint (&r, (size_t) i, "seq");
+            result_leaf (&r, (size_t) i, leaf);
+            if (seqs[k] == UINT64_MAX) {
+                seqs[k] = seq;
+                memcpy (leaves[k], leaf, 32);
+            }
+            assert_int_equal (seq, seqs[k]);
+            assert_memory_equal (leaf, leaves[k], 32);
+        }
+    }
+    for (int k = 0; k < KEYS; k++) {
+        assert_int_equal (accepted[k], 1);
+        assert_int_equal (dups[k], k >= HALF && k < REQS * HALF);
+    }
+    for (int k0 = 0; k0 < KEYS; k0 += AGAIN) {
+        int n = KEYS - k0 < AGAIN ? KEYS - k0 : AGAIN;
+        for (int i = 0; i < n; i++)     /* odd keys changed: conflicts */
+            evs[i] = e2e_event ("pipe-cust", "api.calls", keys[k0 + i], 1 + (k0 + i) % 2, now);
+        ingest (evs, (size_t) n, &r);
+        for (int i = 0; i < n; i++) {
+            int k = k0 + i;
+            expect_status (&r, (size_t) i, k % 2 ? "conflict" : "duplicate");
+            assert_int_equal (result_uint (&r, (size_t) i, "seq"), seqs[k]);
+            if (k % 2 == 0) {
+                uint8_t leaf[32];
+                result_leaf (&r, (size_t) i, leaf);
+                assert_memory_equal (leaf, leaves[k], 32);
+            }
+        }
+    }
+    e2e_conn_destroy (&c);
+    tly_buf_free (&body);
+    e2e_reply_free (&r);
+    e2e_pass ();
+}
+
 //  Heads are signed with the key in log.pub and the one `pubkey` returns,
 //  and the root is the MTH of the leaves get returns.
 static void
@@ -1606,6 +1695,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_all_invalid_batch, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_get, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_get_by_key_burst, e2e_setup, e2e_teardown),
+        cmocka_unit_test_setup_teardown (test_dedup_pipelined, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_sth_signature, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_proofs, e2e_setup, e2e_teardown),
         cmocka_unit_test_setup_teardown (test_consistency, e2e_setup, e2e_teardown),

@@ -168,6 +168,18 @@ int tly_reader_leaf (tly_reader *self, uint64_t seq, const uint8_t **leaf, size_
     a run (up to about twice l0_max, ~0.5 us each), so the first lookup
     after a start or a long pause is the slow one. */
 int tly_reader_lookup (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq);
+/*  A check of new events against the index's sorted runs on another
+    thread than the writer's, so that the writer asks only what changed
+    since (the ingest actor does it for each batch, the receipt actor
+    then calls tly_writer_lookup_beyond):
+      - tly_reader_dedup_runs: the ids of the runs in the snapshot,
+        ascending, at most TLY_DEDUP_RUNS_MAX;
+      - tly_reader_lookup_runs: tly_reader_lookup in those runs only, not
+        in the newest entries (L0), so it never reads the log's tail. */
+#define TLY_DEDUP_RUNS_MAX 256
+int tly_reader_dedup_runs (tly_reader *self, uint32_t ids[TLY_DEDUP_RUNS_MAX], size_t *n);
+int tly_reader_lookup_runs (tly_reader *self, const uint8_t dedup[TLY_DEDUP_LEN],
+                            uint64_t *seq);
 /*  The dedup index as the snapshot sees it, for status and tests. */
 #define TLY_DEDUP_TIERS 10          /* tiers of runs */
 typedef struct {
@@ -237,6 +249,13 @@ int tly_writer_begin (tly_writer *self);
 /*  Next seq to be assigned (= tree size including this txn's appends). */
 uint64_t tly_writer_next_seq (tly_writer *self);
 int tly_writer_lookup (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN], uint64_t *seq);
+/*  tly_writer_lookup, but not in the runs named in `asked` (ids from
+    tly_reader_dedup_runs of any snapshot, ascending), which the caller
+    found without the key (tly_reader_lookup_runs) in that snapshot.  A
+    run keeps its keys while it is visible and its id is never used again,
+    so the answer is the full lookup's (src/dedup.h, dx_lookup_in). */
+int tly_writer_lookup_beyond (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN],
+                              const uint32_t *asked, size_t nasked, uint64_t *seq);
 int tly_writer_leaf (tly_writer *self, uint64_t seq, const uint8_t **leaf, size_t *len);
 int tly_writer_node (tly_writer *self, unsigned level, uint64_t index, uint8_t out[32]);
 /*  Appends leaf bytes encoded for seq == tly_writer_next_seq(), with its
