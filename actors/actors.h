@@ -9,6 +9,7 @@
 #ifndef TALLY_ACTORS_H
 #define TALLY_ACTORS_H
 
+#include <stdatomic.h>
 #include <czmq.h>
 #include "supervisor.h"
 #include "tally/store.h"
@@ -39,6 +40,10 @@ typedef struct {
         generations (one at a time) so a late verdict for an earlier
         generation's ticket never passes for a new one's. */
     uint64_t receipt_ticket;
+    /*  Events the ingest actor looked up in the index's runs before the
+        writer, and those it found there (status: index.ingest_asked,
+        index.ingest_found); read by tallyd's main thread. */
+    atomic_uint_least64_t ingest_asked, ingest_found;
 } tly_actor_env;
 
 int tly_receipt_actor (tly_child_ctx *ctx, void *env);

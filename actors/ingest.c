@@ -64,6 +64,7 @@ typedef struct {
     tly_buf msg;                    /* link messages */
     tly_buf tails;
     uint32_t asked[TLY_DEDUP_RUNS_MAX];     /* the runs of the snapshot's index */
+    bool index_warned;              /* that it could not read them */
 } ingest_t;
 
 /* ---- the read snapshot ---- */
@@ -478,9 +479,11 @@ op_ingest (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpa
         (proto.h): the single writer then asks only L0 and any run
         published since, and this thread's core takes the rest. */
     size_t nasked = 0;
-    bool asked = snapshot (self) == TLY_OK
-              && tly_reader_dedup_runs (self->reader, self->asked, &nasked) == TLY_OK
-              && nasked > 0;
+    uint64_t looked = 0, found = 0;
+    int unread = snapshot (self);
+    if (!unread)
+        unread = tly_reader_dedup_runs (self->reader, self->asked, &nasked);
+    bool asked = !unread && nasked > 0;
     msgpack_packer pk;
     tly_link_begin (&self->msg, &pk, 4, TLY_MSG_APPEND, slot_ctx (self, s));
     msgpack_pack_array (&pk, valid);
@@ -498,8 +501,12 @@ op_ingest (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpa
         if (asked) {
             int rc = tly_reader_lookup_runs (self->reader, it.dedup, &it.seq);
             it.found = rc == TLY_OK;
-            /*  Unreadable: receipt asks the whole index (and reports it). */
-            asked = rc == TLY_OK || rc == TLY_ENOTFOUND;
+            looked++;
+            found += it.found;
+            if (rc != TLY_OK && rc != TLY_ENOTFOUND) {
+                asked = false;      /* receipt asks the whole index */
+                unread = rc;
+            }
         }
         tly_item_pack (&pk, &it);
     }
@@ -507,6 +514,14 @@ op_ingest (ingest_t *self, zmsg_t **env, const msgpack_object *body, const msgpa
         tly_asked_pack (&pk, self->asked, nasked);
     else
         msgpack_pack_nil (&pk);
+    atomic_fetch_add_explicit (&self->env->ingest_asked, looked, memory_order_relaxed);
+    atomic_fetch_add_explicit (&self->env->ingest_found, found, memory_order_relaxed);
+    if (unread && !self->index_warned) {
+        tly_warn (WHO, "cannot read the idempotency index's runs (%s): the receipt actor "
+                       "looks every event up alone, which is slower; run `tally ctl verify` "
+                       "(said once per start of this actor)", tly_strerror (unread));
+        self->index_warned = true;
+    }
     free (tail_end);
     int rc = self->tails.oom ? TLY_ENOMEM : tly_link_send (self->receipt, &self->msg, false);
     if (rc) {

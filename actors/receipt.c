@@ -67,7 +67,7 @@ typedef struct {
 
     tly_link_msg *msgs;
     msg_info *info;                 /* per message, as msgs */
-    size_t nmsgs, msgs_cap;
+    size_t nmsgs, msgs_cap, info_cap;
     uint32_t *asked;                /* the messages' asked runs, one after another */
     size_t nasked, asked_cap;
     work_t *work;
@@ -380,24 +380,24 @@ static int
 judge_existing (receipt_t *self, work_t *w)
 {
     const msg_info *info = &self->info[w->msg];
-    const uint32_t *asked = self->asked + info->asked_at;
-    size_t nasked = info->nasked;
-    uint64_t seq;
-    int rc;
-    if (w->item.found) {
-        if ((rc = judge_entry (self, w, w->item.seq)) == 1)
-            return 1;
-        tly_error (WHO, "ingest named entry %llu for an event that is not there (%s): "
-                        "asking the whole index instead; run `tally ctl verify`",
-                   (unsigned long long) w->item.seq, tly_strerror (rc));
-        nasked = 0;
-    }
-    rc = tly_writer_lookup_beyond (self->writer, w->item.dedup, asked, nasked, &seq);
-    if (rc == TLY_ENOTFOUND)
-        return 0;
+    uint64_t seq = w->item.seq;
+    int rc = TLY_OK;
+    if (!w->item.found)
+        rc = tly_writer_lookup_beyond (self->writer, w->item.dedup,
+                                       self->asked + info->asked_at, info->nasked, &seq);
     if (rc)
-        return rc;
+        return rc == TLY_ENOTFOUND ? 0 : rc;
     rc = judge_entry (self, w, seq);
+    if ((rc == TLY_ENOTFOUND || rc == TLY_ECORRUPT) && w->item.found) {
+        /*  Ingest read something that is not an entry (a bug, or a bad
+            page in its snapshot): the whole index, asked here, decides. */
+        tly_error (WHO, "ingest named entry %llu for an event, and it cannot be read (%s): "
+                        "asking the whole index instead; run `tally ctl verify`",
+                   (unsigned long long) seq, tly_strerror (rc));
+        if ((rc = tly_writer_lookup (self->writer, w->item.dedup, &seq)))
+            return rc == TLY_ENOTFOUND ? 0 : rc;
+        rc = judge_entry (self, w, seq);
+    }
     if (rc == TLY_EINVAL) {
         /*  A 128-bit keyed-hash collision: astronomically unlikely. */
         tly_error (WHO, "idempotency index collision at entry %llu", (unsigned long long) seq);
@@ -548,7 +548,7 @@ grow (void **p, size_t *cap, size_t need, size_t size)
     it names none (nil or absent: ingest could not ask), and none, with a
     complaint, when they do not decode (a bug in ingest; asking the whole
     index is always right). */
-static int
+static void
 group_asked (receipt_t *self, size_t i)
 {
     msg_info *info = &self->info[i];
@@ -556,24 +556,22 @@ group_asked (receipt_t *self, size_t i)
     info->asked_at = self->nasked;
     info->nasked = 0;
     if (!o || o->type == MSGPACK_OBJECT_NIL)
-        return TLY_OK;
+        return;
     if (grow ((void **) &self->asked, &self->asked_cap, self->nasked + TLY_DEDUP_RUNS_MAX,
               sizeof *self->asked))
-        return TLY_ENOMEM;
+        return;                     /* no room: ask the whole index, always right */
     if (tly_asked_decode (o, self->asked + self->nasked, &info->nasked)) {
         tly_error (WHO, "a message from ingest names its runs wrongly (a bug): asking the "
                         "whole index for its events");
         info->nasked = 0;
     }
     self->nasked += info->nasked;
-    return TLY_OK;
 }
 
 /*  Decodes the group's items into self->work. */
 static int
 group_decode (receipt_t *self)
 {
-    int rc;
     self->nwork = 0;
     self->nasked = 0;
     for (size_t i = 0; i < self->nmsgs; i++) {
@@ -583,8 +581,7 @@ group_decode (receipt_t *self)
                  || arr->type != MSGPACK_OBJECT_ARRAY;
         if (info->bad)
             continue;
-        if ((rc = group_asked (self, i)))
-            return rc;
+        group_asked (self, i);
         size_t before = self->nwork;
         if (grow ((void **) &self->work, &self->work_cap, self->nwork + arr->via.array.size,
                   sizeof *self->work))
@@ -710,13 +707,10 @@ group_collect (receipt_t *self)
     size_t events = 0;
     self->nmsgs = 0;
     do {
-        if (grow ((void **) &self->msgs, &self->msgs_cap, self->nmsgs + 1, sizeof *self->msgs))
+        if (grow ((void **) &self->msgs, &self->msgs_cap, self->nmsgs + 1, sizeof *self->msgs)
+        ||  grow ((void **) &self->info, &self->info_cap, self->nmsgs + 1, sizeof *self->info))
             return TLY_ENOMEM;
-        size_t cap = self->msgs_cap;
-        msg_info *info = realloc (self->info, cap * sizeof *info);
-        if (!info)
-            return TLY_ENOMEM;
-        self->info = info;
+        self->info[self->nmsgs] = (msg_info) { .bad = true };     /* until decoded */
         tly_link_msg *m = &self->msgs[self->nmsgs];
         int rc = tly_link_recv (self->in, m);
         if (rc == TLY_EIO) {

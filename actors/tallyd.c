@@ -322,9 +322,11 @@ pack_verification (control_t *c, msgpack_packer *pk)
 
 /*  The idempotency index's shape: runs per tier (up to the highest in
     use), the entries whose keys they hold, and those in L0 (memory); nil
-    if it could not be read (the scrubber's verification says why). */
+    if it could not be read (the scrubber's verification says why).  And
+    how many events ingest looked up in its runs since the start. */
 static void
-pack_index (msgpack_packer *pk, bool ok, uint64_t size, const tly_dedup_shape *shape)
+pack_index (control_t *c, msgpack_packer *pk, bool ok, uint64_t size,
+            const tly_dedup_shape *shape)
 {
     if (!ok) {
         msgpack_pack_nil (pk);
@@ -333,7 +335,7 @@ pack_index (msgpack_packer *pk, bool ok, uint64_t size, const tly_dedup_shape *s
     size_t used = TLY_DEDUP_TIERS;
     while (used > 0 && shape->tiers[used - 1] == 0)
         used--;
-    msgpack_pack_map (pk, 6);
+    msgpack_pack_map (pk, 8);
     tly_pack_cstr (pk, "runs");
     msgpack_pack_uint64 (pk, shape->runs);
     tly_pack_cstr (pk, "tiers");
@@ -348,6 +350,10 @@ pack_index (msgpack_packer *pk, bool ok, uint64_t size, const tly_dedup_shape *s
     msgpack_pack_uint64 (pk, shape->groups);
     tly_pack_cstr (pk, "lone");
     msgpack_pack_uint64 (pk, shape->lone);
+    tly_pack_cstr (pk, "ingest_asked");
+    msgpack_pack_uint64 (pk, atomic_load_explicit (&c->env->ingest_asked, memory_order_relaxed));
+    tly_pack_cstr (pk, "ingest_found");
+    msgpack_pack_uint64 (pk, atomic_load_explicit (&c->env->ingest_found, memory_order_relaxed));
 }
 
 static void
@@ -383,7 +389,7 @@ op_status (control_t *c, const msgpack_object *id)
     tly_pack_cstr (&pk, "verification");
     pack_verification (c, &pk);
     tly_pack_cstr (&pk, "index");
-    pack_index (&pk, index, size, &shape);
+    pack_index (c, &pk, index, size, &shape);
 }
 
 static void

@@ -1,7 +1,6 @@
 /*  dedup.c -- the idempotency index: tiered sorted runs over an
     in-memory L0, Bloom filters, and the bounded builds that keep it small
     (see dedup.h). */
-#include <assert.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -800,8 +799,9 @@ dx_lookup_in (const dx_tables *t, MDB_txn *txn, dx_view *view,
     uint8_t ask[DX_SLOTS], said[DX_SLOTS];
     size_t nsaid = view->ng < DX_SLOTS ? view->ng : DX_SLOTS;
     /*  Each visible run has a table of its own (dx_view_load refuses two
-        in one, builds take a free one). */
-    assert (view->n <= DX_SLOTS);
+        in one, builds take a free one): more runs is a bug. */
+    if (view->n > DX_SLOTS)
+        return TLY_ECORRUPT;
     lookup_mark (view, skip, nskip, ask);
     memset (said, 2, nsaid);
     lookup_prefetch (view, ask, said, nsaid, key);
@@ -850,13 +850,16 @@ dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
     return dx_lookup_in (t, txn, view, key, true, NULL, 0, seq);
 }
 
-void
+int
 dx_view_ids (const dx_view *view, uint32_t ids[DX_SLOTS], size_t *n)
 {
-    assert (view->n <= DX_SLOTS);
+    *n = 0;
+    if (view->n > DX_SLOTS)
+        return TLY_ECORRUPT;        /* as in dx_lookup_in */
     for (size_t i = 0; i < view->n; i++)
         ids[i] = view->runs[i].id;
     *n = view->n;
+    return TLY_OK;
 }
 
 /* ---- the scrubber's scan ---- */

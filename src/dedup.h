@@ -146,16 +146,23 @@ int dx_lookup (const dx_tables *t, MDB_txn *txn, dx_view *view,
 /*  Part of dx_lookup: L0 only if with_l0, and only the runs whose ids are
     not in skip (ascending; ids of runs no longer visible are ignored).
     Safe for the caller who looked the key up in the runs of an earlier
-    snapshot and skips exactly those: a run's keys never change while it
-    is visible and a run id is never used again (ids grow, and the highest
-    one ever published stays visible: only a merge retires runs, and its
-    output's id is above its inputs'), so a key in one of the skipped runs
-    was there when the caller looked. */
+    snapshot and skips exactly those, because a key in one of the skipped
+    runs was there when the caller looked:
+      - a visible run's keys never change: its table is written only
+        while it is built, and emptied only once it is dead;
+      - a run id never names another run later.  A build takes the next
+        id when it starts (so a flush may publish after a merge that took
+        a higher one), and the writer's first id after a restart or a
+        failed txn is above every visible run's and every group's id and
+        member.  Only a merge retires runs, in the txn that publishes its
+        output, whose id is above its inputs': so the highest id ever
+        published is always visible, and no published id is handed out
+        again. */
 int dx_lookup_in (const dx_tables *t, MDB_txn *txn, dx_view *view,
                   const uint8_t key[TLY_DEDUP_LEN], bool with_l0, const uint32_t *skip,
                   size_t nskip, uint64_t *seq);
 /*  The ids of the view's runs, ascending (at most DX_SLOTS). */
-void dx_view_ids (const dx_view *view, uint32_t ids[DX_SLOTS], size_t *n);
+int dx_view_ids (const dx_view *view, uint32_t ids[DX_SLOTS], size_t *n);
 /*  tly_reader_dedup_scan (store.h). */
 int dx_scan (const dx_tables *t, MDB_txn *txn, const dx_view *view, const uint8_t *after,
              size_t count, tly_dedup_fn *fn, void *ctx, uint8_t last[TLY_DEDUP_POS_LEN],

@@ -594,9 +594,7 @@ tly_reader_dedup_runs (tly_reader *self, uint32_t ids[TLY_DEDUP_RUNS_MAX], size_
 {
     *n = 0;
     int rc = reader_view (self);
-    if (!rc)
-        dx_view_ids (&self->view, ids, n);
-    return rc;
+    return rc ? rc : dx_view_ids (&self->view, ids, n);
 }
 
 int

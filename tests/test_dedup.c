@@ -120,7 +120,7 @@ early_begin (fixture *f)
 {
     assert_int_equal (mdb_txn_begin (f->env, NULL, MDB_RDONLY, &f->early), 0);
     assert_int_equal (dx_view_load (&f->t, f->early, &f->early_view), TLY_OK);
-    dx_view_ids (&f->early_view, f->early_ids, &f->early_n);
+    assert_int_equal (dx_view_ids (&f->early_view, f->early_ids, &f->early_n), TLY_OK);
     for (size_t i = 1; i < f->early_n; i++)
         assert_true (f->early_ids[i - 1] < f->early_ids[i]);
 }
@@ -553,7 +553,7 @@ test_dedup_lookup_split (void **state)
     view_begin (f, &now, &view);
     uint32_t ids[DX_SLOTS];
     size_t n;
-    dx_view_ids (&view, ids, &n);
+    assert_int_equal (dx_view_ids (&view, ids, &n), TLY_OK);
     for (size_t i = 0; i < f->early_n; i++)
         for (size_t j = 0; j < n; j++)
             assert_int_not_equal (f->early_ids[i], ids[j]);     /* all merged away */

@@ -909,6 +909,11 @@ test_dedup_pipelined (void **state)
         assert_int_equal (accepted[k], 1);
         assert_int_equal (dups[k], k >= HALF && k < REQS * HALF);
     }
+    uint64_t asked0 = 0, found0 = 0, asked1 = 0, found1 = 0;
+    assert_int_equal (e2e_callf (s_ctl, &r, "{'op':'status'}"), TLY_OK);
+    E2E_OK (&r);
+    assert_true (e2e_uint (&r.body, "index.ingest_asked", &asked0));
+    assert_true (e2e_uint (&r.body, "index.ingest_found", &found0));
     for (int k0 = 0; k0 < KEYS; k0 += AGAIN) {
         int n = KEYS - k0 < AGAIN ? KEYS - k0 : AGAIN;
         for (int i = 0; i < n; i++)     /* odd keys changed: conflicts */
@@ -925,6 +930,14 @@ test_dedup_pipelined (void **state)
             }
         }
     }
+    /*  Ingest asked the runs about every event sent again, and found in
+        them all but the few still in L0 (at most 64 plus a flush's). */
+    assert_int_equal (e2e_callf (s_ctl, &r, "{'op':'status'}"), TLY_OK);
+    E2E_OK (&r);
+    assert_true (e2e_uint (&r.body, "index.ingest_asked", &asked1));
+    assert_true (e2e_uint (&r.body, "index.ingest_found", &found1));
+    assert_int_equal (asked1 - asked0, KEYS);
+    assert_true (found1 - found0 + 200 >= KEYS && found1 - found0 <= KEYS);
     e2e_conn_destroy (&c);
     tly_buf_free (&body);
     e2e_reply_free (&r);

@@ -441,6 +441,9 @@ test_children_and_status (void **state)
     assert_true (e2e_uint (&fx.r.body, "index.in_l0", &in_l0) && in_l0 == 10);
     assert_true (e2e_uint (&fx.r.body, "index.groups", &v) && v == 0);
     assert_true (e2e_uint (&fx.r.body, "index.lone", &v) && v == 0);
+    //  No run to look in: ingest left every lookup to the writer.
+    assert_true (e2e_uint (&fx.r.body, "index.ingest_asked", &v) && v == 0);
+    assert_true (e2e_uint (&fx.r.body, "index.ingest_found", &v) && v == 0);
     assert_true (e2e_uint (&fx.r.body, "uptime", &v));
     assert_true (e2e_bool (&fx.r.body, "verification.ok", &ok) && ok);
     uint64_t at2 = 0;
