@@ -42,6 +42,10 @@
 #define WHO "receipt"
 #define ADMIT_TIMEOUT_MS 5000
 #define REPLY_SPLIT 16384           /* outcomes per RESULTS message, about */
+/*  group_judge starts fetching the L0 slot of the event this many places
+    ahead: each is most likely a cache miss, and an event's judging takes
+    longer than a miss. */
+#define PREFETCH_AHEAD 4
 
 typedef struct {
     tly_item item;                  /* item.dedup: ingest hashed (customer, key) */
@@ -621,8 +625,12 @@ group_judge (receipt_t *self)
 {
     int rc = tly_writer_begin (self->writer);
     self->recv_ts = tly_now_ms ();
+    for (size_t i = 0; i < PREFETCH_AHEAD && i < self->nwork && !rc; i++)
+        tly_writer_prefetch (self->writer, self->work[i].item.dedup);
     for (size_t i = 0; i < self->nwork && !rc; i++) {
         work_t *w = &self->work[i];
+        if (i + PREFETCH_AHEAD < self->nwork)
+            tly_writer_prefetch (self->writer, self->work[i + PREFETCH_AHEAD].item.dedup);
         if (set_contains (self, w->item.dedup) && (rc = round_flush (self)))
             break;
         rc = judge_existing (self, w);

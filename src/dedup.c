@@ -1533,6 +1533,12 @@ dx_writer_lookup_in (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], const ui
     return dx_lookup_in (self->t, self->txn, &self->view, key, true, skip, nskip, seq);
 }
 
+void
+dx_writer_prefetch (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN])
+{
+    l0_prefetch (&self->view.l0, key);
+}
+
 int
 dx_writer_insert (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t seq)
 {

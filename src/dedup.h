@@ -180,6 +180,8 @@ int dx_writer_lookup (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], uint64_
 /*  dx_lookup_in L0 and the runs not in skip, in the writer's txn. */
 int dx_writer_lookup_in (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN], const uint32_t *skip,
                          size_t nskip, uint64_t *seq);
+/*  Starts fetching what a lookup of key reads first in L0 (a hint). */
+void dx_writer_prefetch (dx_writer *self, const uint8_t key[TLY_DEDUP_LEN]);
 /*  Puts key into L0 as the key of entry seq, which must be the entry
     appended next (TLY_EINVAL otherwise): TLY_EEXIST if L0 has it already
     (the caller has asked dx_writer_lookup about the rest of the index). */

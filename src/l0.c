@@ -87,6 +87,18 @@ l0_find (const dx_l0 *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq)
     return TLY_ENOTFOUND;
 }
 
+void
+l0_prefetch (const dx_l0 *self, const uint8_t key[TLY_DEDUP_LEN])
+{
+#if defined(__GNUC__)
+    if (self->nslots)
+        __builtin_prefetch (&self->slots[slot_of (key, self->nslots)]);
+#else
+    (void) self;
+    (void) key;
+#endif
+}
+
 int
 l0_push (dx_l0 *self, const uint8_t key[TLY_DEDUP_LEN])
 {

@@ -38,6 +38,9 @@ void l0_free (dx_l0 *self);
 uint64_t l0_end (const dx_l0 *self);
 /*  TLY_OK with *seq, or TLY_ENOTFOUND. */
 int l0_find (const dx_l0 *self, const uint8_t key[TLY_DEDUP_LEN], uint64_t *seq);
+/*  Starts fetching the table slot where l0_find (key) will begin: a
+    hint, no effect on any result. */
+void l0_prefetch (const dx_l0 *self, const uint8_t key[TLY_DEDUP_LEN]);
 /*  Adds key as the key of seq l0_end (): TLY_OK or TLY_ENOMEM (then
     nothing changed). */
 int l0_push (dx_l0 *self, const uint8_t key[TLY_DEDUP_LEN]);

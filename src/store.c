@@ -864,6 +864,12 @@ tly_writer_lookup_beyond (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN],
     return dx_writer_lookup_in (self->dx, dedup, asked, nasked, seq);
 }
 
+void
+tly_writer_prefetch (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN])
+{
+    dx_writer_prefetch (self->dx, dedup);
+}
+
 int
 tly_writer_leaf (tly_writer *self, uint64_t seq, const uint8_t **leaf, size_t *len)
 {

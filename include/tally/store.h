@@ -256,6 +256,10 @@ int tly_writer_lookup (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN], uin
     so the answer is the full lookup's (src/dedup.h, dx_lookup_in). */
 int tly_writer_lookup_beyond (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN],
                               const uint32_t *asked, size_t nasked, uint64_t *seq);
+/*  A hint that dedup will be looked up soon: starts fetching the part
+    of L0 the lookup reads first, most likely a cache miss (L0's table is
+    megabytes).  Results never depend on it. */
+void tly_writer_prefetch (tly_writer *self, const uint8_t dedup[TLY_DEDUP_LEN]);
 int tly_writer_leaf (tly_writer *self, uint64_t seq, const uint8_t **leaf, size_t *len);
 int tly_writer_node (tly_writer *self, unsigned level, uint64_t index, uint8_t out[32]);
 /*  Appends leaf bytes encoded for seq == tly_writer_next_seq(), with its
