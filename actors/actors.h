@@ -24,7 +24,7 @@ typedef struct {
     size_t group_max;             /* events per commit, at most                */
     unsigned verify_interval_s;   /* a full scrub pass at least this often     */
     unsigned verify_cpu;          /* ... using at most this % of a core (1-100) */
-    unsigned verify_nice;         /* the scrubber thread's nice, 0-19          */
+    unsigned verify_nice;         /* the scrubber's nice, 0-19; 20: idle class */
 
     zsock_t *api;                 /* ROUTER: the API endpoint (ingest)         */
     zsock_t *ingest_receipt[2];   /* PAIR link: [0] ingest end, [1] receipt end */

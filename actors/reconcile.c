@@ -29,7 +29,8 @@
     than --verify-cpu percent of a core, though: on a ledger too large for
     that, passes take longer than the interval and the log says so, with
     what to change.  The thread runs at a lower CPU priority
-    (--verify-nice), so on busy cores it yields to the request path.
+    (--verify-nice; by default the idle class: only on CPU time no other
+    thread wants), so on busy cores it yields to the request path.
     `verify` runs a pass at full speed and replies when it ends.  Results
     go to the log (ERROR on the first finding), to `status` and to
     `verify`.
@@ -39,6 +40,7 @@
 #include <sodium.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/resource.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -376,9 +378,12 @@ pass_finish (recon_t *self)
     &&  !self->verify_call && !self->slow_warned) {
         tly_warn (WHO, "a full verification pass took %llu s, longer than --verify-interval "
                        "(%u s), within --verify-cpu %u%%: corruption may be found later than "
-                       "the interval promises. Raise --verify-cpu or --verify-interval",
+                       "the interval promises. Raise --verify-cpu or --verify-interval%s",
                   (unsigned long long) self->last.duration_ms / 1000,
-                  self->env->verify_interval_s, self->env->verify_cpu);
+                  self->env->verify_interval_s, self->env->verify_cpu,
+                  self->env->verify_nice >= 20
+                  ? "; if the cores are busy, --verify-nice 19 gives the scrubber a share of "
+                    "them (by default it only has their idle time)" : "");
         self->slow_warned = true;
     }
     snprintf (self->last.error, sizeof self->last.error, "%s", self->error);
@@ -485,8 +490,14 @@ on_call (recon_t *self, zmsg_t **call)
 
 /*  Lowers this thread's CPU priority by `by` (Linux: nice is per thread,
     and each thread starts with tallyd's), at most to 19, so that on busy
-    cores the actors serving requests run first.  The scrubber still gets
-    --verify-cpu of a core whenever a core is idle. */
+    cores the actors serving requests run first.  `by` 20 (the default)
+    also puts it in the idle class (SCHED_IDLE): it runs on CPU time that
+    no other thread wants, and a waking actor takes its core at once.  At
+    nice 19 it kept a share of busy cores: on S1 at 50-76M entries it used
+    0.23-0.34 us of CPU per ingested event, against 0.13-0.20 idle, and
+    the service ingested about 6% less (bench/RESULTS.md, eighteenth
+    session).  Either way it gets --verify-cpu of a core while a core is
+    idle. */
 static void
 lower_priority (unsigned by)
 {
@@ -500,6 +511,10 @@ lower_priority (unsigned by)
     if (want > now && setpriority (PRIO_PROCESS, tid, want))
         tly_warn (WHO, "cannot lower the scrubber's priority to nice %d (%s); it runs at "
                        "the actors' priority", want, strerror (errno));
+    struct sched_param idle = { 0 };
+    if (by >= 20 && sched_setscheduler ((pid_t) tid, SCHED_IDLE, &idle))
+        tly_warn (WHO, "cannot put the scrubber in the idle CPU class (%s); it runs at "
+                       "nice %d", strerror (errno), want);
 #else
     (void) by;
 #endif

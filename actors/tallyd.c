@@ -59,7 +59,8 @@ usage (FILE *out)
 "  --verify-cpu PERCENT    ... using at most this much of one core [25]; a\n"
 "                          ledger too big for both gets a warning in the log\n"
 "  --verify-nice N         the scrubber's CPU priority below the other actors,\n"
-"                          0 (same) to 19 (lowest) [19]: when the cores are\n"
+"                          0 (same) to 19 (nice 19), or 20: idle, only CPU\n"
+"                          time no actor wants [20]: when the cores are\n"
 "                          busy, requests go first and passes take longer\n"
 "  --log-level LEVEL       debug, info, warn or error [info]\n"
 "  --map-size-gb N         LMDB map size: the ledger's maximum size [256]\n"
@@ -96,7 +97,7 @@ options_defaults (options_t *o)
     strcpy (o->control, "tcp://127.0.0.1:7401");
     o->verify_interval = 60;
     o->verify_cpu = 25;
-    o->verify_nice = 19;
+    o->verify_nice = 20;
     strcpy (o->log_level, "info");
     o->map_size_gb = 256;
     o->request_max_mb = 16;
@@ -679,8 +680,9 @@ main (int argc, char **argv)
         fprintf (stderr, "tallyd: verify-cpu is a percentage of one core, 1 to 100\n");
         return 1;
     }
-    if (opt.verify_nice > 19) {
-        fprintf (stderr, "tallyd: verify-nice is 0 (the actors' priority) to 19 (the lowest)\n");
+    if (opt.verify_nice > 20) {
+        fprintf (stderr, "tallyd: verify-nice is 0 (the actors' priority) to 19 (nice 19), "
+                         "or 20 (the idle class)\n");
         return 1;
     }
     sup_cfg.intensity = opt.intensity;

@@ -17,6 +17,7 @@
 #include <cmocka.h>
 #include <dirent.h>
 #include <lmdb.h>
+#include <sched.h>
 #include "tally/tally.h"
 #include "tally/client.h"
 #include "helper_server.h"
@@ -1437,6 +1438,82 @@ test_config_file (void **state)
     e2e_pass ();
 }
 
+/*  The scrubber thread's nice and CPU class as the kernel has them: -1
+    when no thread of pid is named tly-reconcile. */
+static int
+scrubber_sched (pid_t pid, int *nice, int *policy)
+{
+    char path[64];
+    snprintf (path, sizeof path, "/proc/%d/task", (int) pid);
+    DIR *d = opendir (path);
+    if (!d)
+        return -1;
+    int rc = -1;
+    struct dirent *de;
+    while (rc && (de = readdir (d))) {
+        if (de->d_name[0] == '.')
+            continue;
+        char file[384], line[1024] = "";
+        snprintf (file, sizeof file, "%s/%s/stat", path, de->d_name);
+        FILE *f = fopen (file, "r");
+        if (!f)
+            continue;
+        size_t n = fread (line, 1, sizeof line - 1, f);
+        fclose (f);
+        line[n] = 0;
+        char *end = strrchr (line, ')');
+        if (!strstr (line, "(tly-reconcile)") || !end)
+            continue;
+        //  fields 3 (state) on after the name: nice is 19, policy 41
+        char *tok = strtok (end + 1, " ");
+        for (int field = 3; tok; field++, tok = strtok (NULL, " ")) {
+            if (field == 19)
+                *nice = atoi (tok);
+            if (field == 41) {
+                *policy = atoi (tok);
+                rc = 0;
+            }
+        }
+    }
+    closedir (d);
+    return rc;
+}
+
+//  The scrubber runs in the idle CPU class by default (--verify-nice 20),
+//  at plain nice 19 with --verify-nice 19; 21 is refused.
+static void
+test_scrubber_priority (void **state)
+{
+    (void) state;
+    const char *nices[] = { NULL, "19", "21" };
+    for (int i = 0; i < 3; i++) {
+        e2e_server *srv = e2e_server_create (VERIFY_S);
+        assert_non_null (srv);
+        if (nices[i]) {
+            snprintf (srv->extra_args[0], sizeof srv->extra_args[0], "--verify-nice");
+            snprintf (srv->extra_args[1], sizeof srv->extra_args[1], "%s", nices[i]);
+        }
+        if (i == 2) {
+            int code = 0;
+            assert_int_equal (e2e_server_try_start (srv, &code), 0);
+            assert_int_equal (code, 1);
+            assert_true (e2e_server_log_has (srv, "verify-nice", "idle class"));
+            assert_int_equal (e2e_server_destroy (&srv), 0);
+            continue;
+        }
+        assert_int_equal (e2e_server_start (srv), TLY_OK);
+        int nice = -100, policy = -1;
+        bool ok;
+        E2E_POLL (ok, 5000, scrubber_sched (srv->pid, &nice, &policy) == 0
+                            && (i == 1 || policy == SCHED_IDLE));
+        assert_true (ok);
+        assert_int_equal (nice, 19);
+        assert_int_equal (policy, i == 0 ? SCHED_IDLE : SCHED_OTHER);
+        assert_int_equal (e2e_server_destroy (&srv), 0);
+    }
+    e2e_pass ();
+}
+
 int
 main (void)
 {
@@ -1456,6 +1533,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_same_keys_race, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_quota_in_batch, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_config_file, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_scrubber_priority, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_status_polling_does_not_starve_scrubber,
                                          e2e_setup, fx_teardown),
     };
