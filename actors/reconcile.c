@@ -31,7 +31,9 @@
     what to change.  The thread runs at a lower CPU priority
     (--verify-nice; by default the idle class: only on CPU time no other
     thread wants), so on busy cores it yields to the request path.
-    `verify` runs a pass at full speed and replies when it ends.  Results
+    `verify` runs a pass at full speed and replies when it ends; an
+    operator waits for that pass, so it leaves the idle class for nice 19
+    until it ends (verify_priority).  Results
     go to the log (ERROR on the first finding), to `status` and to
     `verify`.
 */
@@ -109,6 +111,8 @@ typedef struct {
     char error[256];
     result_t last;
     zmsg_t *verify_call;            /* a pending `verify` */
+    bool idle;                      /* in the idle CPU class between verifies */
+    bool raised;                    /* out of it for the pending verify */
     int64_t last_logged;
     char logged[256];
 } recon_t;
@@ -441,6 +445,85 @@ paced_budget (recon_t *self)
     return b < 1000 ? 1000 : (size_t) b;
 }
 
+/* ---- CPU priority ---- */
+
+/*  Moves this thread into the idle class or back to the normal one,
+    keeping its nice; returns 0 or an errno. */
+static int
+set_idle (bool idle)
+{
+#if defined(__linux__)
+    struct sched_param param = { 0 };
+    return sched_setscheduler (0, idle ? SCHED_IDLE : SCHED_OTHER, &param) ? errno : 0;
+#else
+    (void) idle;
+    return ENOSYS;
+#endif
+}
+
+/*  Lowers this thread's CPU priority by `by` (Linux: nice is per thread,
+    and each thread starts with tallyd's), at most to 19, so that on busy
+    cores the actors serving requests run first.  `by` 20 (the default)
+    also puts it in the idle class (SCHED_IDLE): it runs on CPU time that
+    no other thread wants, and a waking actor takes its core at once.  At
+    nice 19 it kept a share of busy cores: on S1 at 50-76M entries it used
+    0.23-0.34 us of CPU per ingested event, against 0.13-0.20 idle, and
+    the service ingested about 6% less (bench/RESULTS.md, eighteenth
+    session).  Either way it gets --verify-cpu of a core while a core is
+    idle.  Returns true when the thread is in the idle class. */
+static bool
+lower_priority (unsigned by)
+{
+#if defined(__linux__)
+    id_t tid = (id_t) syscall (SYS_gettid);
+    errno = 0;
+    int now = getpriority (PRIO_PROCESS, tid);
+    if (by == 0 || (now == -1 && errno))
+        return false;
+    int want = now + (int) by > 19 ? 19 : now + (int) by;
+    if (want > now && setpriority (PRIO_PROCESS, tid, want))
+        tly_warn (WHO, "cannot lower the scrubber's priority to nice %d (%s); it runs at "
+                       "the actors' priority", want, strerror (errno));
+    if (by < 20)
+        return false;
+    int err = set_idle (true);
+    if (err)
+        tly_warn (WHO, "cannot put the scrubber in the idle CPU class (%s); it runs at "
+                       "nice %d", strerror (err), want);
+    return err == 0;
+#else
+    (void) by;
+    return false;
+#endif
+}
+
+/*  An operator who calls `verify` waits for its pass, so the pass does not
+    wait for idle CPU: the thread leaves the idle class for nice 19 (where
+    the scrubber ran before it had the idle class) and goes back when the
+    pass ends.  Linux counts the idle class as nice 20 and lets a thread
+    leave it only within its RLIMIT_NICE (1 allows nice 19) or with
+    CAP_SYS_NICE; without either, the pass stays idle and the log says
+    how to allow it.  Going back to the idle class needs no privilege. */
+static void
+verify_priority (recon_t *self, bool starting)
+{
+    if (!self->idle || starting == self->raised)
+        return;
+    int err = set_idle (!starting);
+    if (starting && err == 0)
+        tly_info (WHO, "verify: a full pass at nice 19, out of the idle CPU class until it "
+                       "ends");
+    else if (starting)
+        tly_warn (WHO, "verify: the pass stays in the idle CPU class (%s), so on busy cores "
+                       "it waits for idle CPU. To let it run at nice 19, allow nice 19 to "
+                       "tallyd: ulimit -e 1 before starting it, LimitNICE=+19 in a systemd "
+                       "unit, or CAP_SYS_NICE", strerror (err));
+    else if (err)
+        tly_warn (WHO, "cannot return the scrubber to the idle CPU class after a verify "
+                       "(%s); it runs at nice 19", strerror (err));
+    self->raised = starting && err == 0;
+}
+
 /* ---- calls ---- */
 
 static void
@@ -480,44 +563,13 @@ on_call (recon_t *self, zmsg_t **call)
     if (what && streq (what, "verify") && !self->verify_call) {
         self->verify_call = *call;      /* answered when the full pass ends */
         *call = NULL;
+        verify_priority (self, true);
         pass_start (self);
     }
     else
         reply_result (self);
     free (what);
     zmsg_destroy (call);
-}
-
-/*  Lowers this thread's CPU priority by `by` (Linux: nice is per thread,
-    and each thread starts with tallyd's), at most to 19, so that on busy
-    cores the actors serving requests run first.  `by` 20 (the default)
-    also puts it in the idle class (SCHED_IDLE): it runs on CPU time that
-    no other thread wants, and a waking actor takes its core at once.  At
-    nice 19 it kept a share of busy cores: on S1 at 50-76M entries it used
-    0.23-0.34 us of CPU per ingested event, against 0.13-0.20 idle, and
-    the service ingested about 6% less (bench/RESULTS.md, eighteenth
-    session).  Either way it gets --verify-cpu of a core while a core is
-    idle. */
-static void
-lower_priority (unsigned by)
-{
-#if defined(__linux__)
-    id_t tid = (id_t) syscall (SYS_gettid);
-    errno = 0;
-    int now = getpriority (PRIO_PROCESS, tid);
-    if (by == 0 || (now == -1 && errno))
-        return;
-    int want = now + (int) by > 19 ? 19 : now + (int) by;
-    if (want > now && setpriority (PRIO_PROCESS, tid, want))
-        tly_warn (WHO, "cannot lower the scrubber's priority to nice %d (%s); it runs at "
-                       "the actors' priority", want, strerror (errno));
-    struct sched_param idle = { 0 };
-    if (by >= 20 && sched_setscheduler ((pid_t) tid, SCHED_IDLE, &idle))
-        tly_warn (WHO, "cannot put the scrubber in the idle CPU class (%s); it runs at "
-                       "nice %d", strerror (errno), want);
-#else
-    (void) by;
-#endif
 }
 
 int
@@ -530,7 +582,7 @@ tly_reconcile_actor (tly_child_ctx *ctx, void *args)
         heads in full after each restart: a tallyd restarted more often
         than heads_full passes take would never check the others. */
     self.rotation = randombytes_uniform ((uint32_t) self.heads_full);
-    lower_priority (env->verify_nice);
+    self.idle = lower_priority (env->verify_nice);
     if (tly_reader_new (env->store, &self.reader)) {
         tly_error (WHO, "cannot start: out of memory");
         return 1;
@@ -565,6 +617,7 @@ tly_reconcile_actor (tly_child_ctx *ctx, void *args)
             if (self.verify_call) {
                 zmsg_destroy (&self.verify_call);
                 reply_result (&self);
+                verify_priority (&self, false);
             }
             pass_start (&self);
         }

@@ -17,11 +17,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/capability.h>
 #include <czmq.h>
 #include <sodium.h>
 #include "tally/json.h"
@@ -225,6 +227,11 @@ spawn (e2e_server *self)
         dup2 (logfd, 2);
         for (int fd = 3; fd < 4096; fd++)
             close (fd);
+        if (self->nice_denied) {
+            struct rlimit none = { 0, 0 };
+            setrlimit (RLIMIT_NICE, &none);
+            prctl (PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0);
+        }
         execv (argv[0], (char *const *) argv);
         static const char msg[] = "e2e: exec of tallyd failed\n";
         ssize_t w = write (2, msg, sizeof msg - 1);

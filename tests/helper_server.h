@@ -69,6 +69,8 @@ typedef struct {
     bool in_test;              /* started inside a test (see e2e_teardown)  */
     uint8_t pk[TLY_PK_LEN];    /* <dir>/log.pub, read after each start      */
     char extra_args[4][256];   /* more daemon arguments, "" when unused     */
+    bool nice_denied;          /* start it with RLIMIT_NICE 0 and without
+                                  CAP_SYS_NICE (where the test may drop it) */
 } e2e_server;
 
 /*  Creates a data dir and starts tallyd in it; waits (20 s at most) until

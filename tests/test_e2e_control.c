@@ -18,6 +18,7 @@
 #include <dirent.h>
 #include <lmdb.h>
 #include <sched.h>
+#include <linux/capability.h>
 #include "tally/tally.h"
 #include "tally/client.h"
 #include "helper_server.h"
@@ -92,15 +93,16 @@ fx_start (fixture *fx)
     assert_non_null (fx->ctl);
 }
 
-//  The nice value of tallyd's thread named `comm` (-100: no such thread).
+//  The nice value and scheduling policy of tallyd's thread named `comm`:
+//  0, or -1 when there is no such thread.
 static int
-thread_nice (pid_t pid, const char *comm)
+thread_sched (pid_t pid, const char *comm, int *nice, int *policy)
 {
     char path[96], name[32], stat[1024];
     snprintf (path, sizeof path, "/proc/%d/task", (int) pid);
     DIR *d = opendir (path);
-    int nice = -100;
-    for (struct dirent *e; d && nice == -100 && (e = readdir (d));) {
+    int rc = -1;
+    for (struct dirent *e; d && rc && (e = readdir (d));) {
         if (e->d_name[0] == '.')
             continue;
         snprintf (path, sizeof path, "/proc/%d/task/%.16s/comm", (int) pid, e->d_name);
@@ -117,16 +119,30 @@ thread_nice (pid_t pid, const char *comm)
         if (f)
             fclose (f);
         stat[n] = 0;
-        /*  Fields after the ")" that ends comm: state is field 3, nice 19. */
+        /*  Fields after the ")" that ends comm: state is field 3, nice 19,
+            policy 41. */
         char *p = strrchr (stat, ')');
-        for (int field = 2; p && field < 19; field++)
+        for (int field = 2; p && field < 41; field++) {
             p = strchr (p + 1, ' ');
-        if (p)
-            nice = atoi (p + 1);
+            if (p && field + 1 == 19)
+                *nice = atoi (p + 1);
+        }
+        if (p) {
+            *policy = atoi (p + 1);
+            rc = 0;
+        }
     }
     if (d)
         closedir (d);
-    return nice;
+    return rc;
+}
+
+//  The nice value of tallyd's thread named `comm` (-100: no such thread).
+static int
+thread_nice (pid_t pid, const char *comm)
+{
+    int nice = -100, policy;
+    return thread_sched (pid, comm, &nice, &policy) ? -100 : nice;
 }
 
 //  A clean stop: the scrubber never complained, SIGTERM exits 0.
@@ -1438,47 +1454,6 @@ test_config_file (void **state)
     e2e_pass ();
 }
 
-/*  The scrubber thread's nice and CPU class as the kernel has them: -1
-    when no thread of pid is named tly-reconcile. */
-static int
-scrubber_sched (pid_t pid, int *nice, int *policy)
-{
-    char path[64];
-    snprintf (path, sizeof path, "/proc/%d/task", (int) pid);
-    DIR *d = opendir (path);
-    if (!d)
-        return -1;
-    int rc = -1;
-    struct dirent *de;
-    while (rc && (de = readdir (d))) {
-        if (de->d_name[0] == '.')
-            continue;
-        char file[384], line[1024] = "";
-        snprintf (file, sizeof file, "%s/%s/stat", path, de->d_name);
-        FILE *f = fopen (file, "r");
-        if (!f)
-            continue;
-        size_t n = fread (line, 1, sizeof line - 1, f);
-        fclose (f);
-        line[n] = 0;
-        char *end = strrchr (line, ')');
-        if (!strstr (line, "(tly-reconcile)") || !end)
-            continue;
-        //  fields 3 (state) on after the name: nice is 19, policy 41
-        char *tok = strtok (end + 1, " ");
-        for (int field = 3; tok; field++, tok = strtok (NULL, " ")) {
-            if (field == 19)
-                *nice = atoi (tok);
-            if (field == 41) {
-                *policy = atoi (tok);
-                rc = 0;
-            }
-        }
-    }
-    closedir (d);
-    return rc;
-}
-
 //  The scrubber runs in the idle CPU class by default (--verify-nice 20),
 //  at plain nice 19 with --verify-nice 19; 21 is refused.
 static void
@@ -1505,11 +1480,82 @@ test_scrubber_priority (void **state)
         int nice = -100, policy = -1;
         bool ok;
         //  until the thread has lowered itself (it may be named first)
-        E2E_POLL (ok, 5000, scrubber_sched (srv->pid, &nice, &policy) == 0 && nice == 19
+        E2E_POLL (ok, 5000, thread_sched (srv->pid, "tly-reconcile", &nice, &policy) == 0 && nice == 19
                             && (i == 1 || policy == SCHED_IDLE));
         assert_true (ok);
         assert_int_equal (nice, 19);
         assert_int_equal (policy, i == 0 ? SCHED_IDLE : SCHED_OTHER);
+        assert_int_equal (e2e_server_destroy (&srv), 0);
+    }
+    e2e_pass ();
+}
+
+//  Whether Linux lets process `pid`'s threads leave the idle class at nice
+//  19: with CAP_SYS_NICE (bit 23 of CapEff) or an RLIMIT_NICE of 1 or more.
+static bool
+may_leave_idle (pid_t pid)
+{
+    char path[64], line[256];
+    bool may = false;
+    snprintf (path, sizeof path, "/proc/%d/status", (int) pid);
+    FILE *f = fopen (path, "r");
+    while (f && fgets (line, sizeof line, f))
+        if (strncmp (line, "CapEff:", 7) == 0)
+            may = (strtoull (line + 7, NULL, 16) >> CAP_SYS_NICE) & 1;
+    if (f)
+        fclose (f);
+    snprintf (path, sizeof path, "/proc/%d/limits", (int) pid);
+    f = fopen (path, "r");
+    while (f && fgets (line, sizeof line, f))
+        if (strncmp (line, "Max nice priority", 17) == 0)
+            may = may || strtoul (line + 17, NULL, 10) >= 1;
+    if (f)
+        fclose (f);
+    return may;
+}
+
+//  An operator's `verify` is waited for: its pass leaves the idle class
+//  for nice 19 where Linux allows it, else it stays idle and the log says
+//  how to allow it.  Either way the scrubber is idle again afterwards.
+//  The second server starts with RLIMIT_NICE 0 and, where the test may
+//  drop it, without CAP_SYS_NICE.
+static void
+test_verify_leaves_idle_class (void **state)
+{
+    (void) state;
+    for (int denied = 0; denied < 2; denied++) {
+        e2e_server *srv = e2e_server_create (VERIFY_S);
+        assert_non_null (srv);
+        srv->nice_denied = denied;
+        assert_int_equal (e2e_server_start (srv), TLY_OK);
+        int nice = -100, policy = -1;
+        bool ok;
+        E2E_POLL (ok, 5000, thread_sched (srv->pid, "tly-reconcile", &nice, &policy) == 0
+                            && nice == 19 && policy == SCHED_IDLE);
+        assert_true (ok);
+        bool may = may_leave_idle (srv->pid);
+        e2e_conn *ctl = e2e_conn_new (srv->control);
+        assert_non_null (ctl);
+        e2e_reply r;
+        e2e_reply_init (&r);
+        assert_int_equal (e2e_callf (ctl, &r, "{'op':'verify'}"), TLY_OK);
+        E2E_OK (&r);
+        assert_true (e2e_bool (&r.body, "verification.ok", &ok));
+        assert_true (ok);
+        bool raised = e2e_server_log_has (srv, "verify: a full pass at nice 19", NULL);
+        bool stayed = e2e_server_log_has (srv, "stays in the idle CPU class", "ulimit -e 1");
+        if (raised == stayed || raised != may)
+            e2e_server_dump_log (srv, 20);
+        assert_int_equal (raised, may);
+        assert_int_equal (stayed, !may);
+        //  back in the idle class once the pass has ended
+        E2E_POLL (ok, 5000, thread_sched (srv->pid, "tly-reconcile", &nice, &policy) == 0
+                            && policy == SCHED_IDLE);
+        assert_true (ok);
+        assert_int_equal (nice, 19);
+        assert_false (e2e_server_log_has (srv, "cannot return the scrubber", NULL));
+        e2e_reply_free (&r);
+        e2e_conn_destroy (&ctl);
         assert_int_equal (e2e_server_destroy (&srv), 0);
     }
     e2e_pass ();
@@ -1535,6 +1581,7 @@ main (void)
         cmocka_unit_test_setup_teardown (test_quota_in_batch, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_config_file, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_scrubber_priority, e2e_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown (test_verify_leaves_idle_class, e2e_setup, fx_teardown),
         cmocka_unit_test_setup_teardown (test_status_polling_does_not_starve_scrubber,
                                          e2e_setup, fx_teardown),
     };
