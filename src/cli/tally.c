@@ -29,6 +29,7 @@ enum {
 
 #define DEFAULT_API      "tcp://127.0.0.1:7400"
 #define DEFAULT_CONTROL  "tcp://127.0.0.1:7401"
+#define CTL_VERIFY_TIMEOUT_MS 3600000u
 #define MAX_OPTS         64
 #define MAX_POS          8
 #define LINE_MAX_BYTES   (1024 * 1024)
@@ -45,7 +46,8 @@ static const char usage_text[] =
 "                       (bin fields as lowercase hex); push prints per event\n"
 "                       {\"index\",\"status\",\"seq\",\"recv_ts\",\"leaf\"|\"code\",\n"
 "                       \"message\"} then {\"sth\":{...}}\n"
-"  --timeout MS         wait this long per attempt (default 10000)\n"
+"  --timeout MS         wait this long per attempt (default 10000; for\n"
+"                       ctl verify, which answers after a full pass, 3600000)\n"
 "  --retries N          resend on timeout/unavailable up to N times (default 5)\n"
 "  --help, --version\n"
 "\n"
@@ -109,6 +111,7 @@ typedef struct {
     bool help;
     bool version;
     tly_client_opts copts;
+    bool timeout_set;             /* --timeout given */
     const char *opt_name [MAX_OPTS];
     const char *opt_val [MAX_OPTS];
     size_t nopts;
@@ -178,6 +181,7 @@ set_global (cli *c, const char *name, const char *val)
     else if (!strcmp (name, "timeout")) {
         if (!parse_uint (val, 86400000, &c->copts.timeout_ms) || !c->copts.timeout_ms)
             return usage_error ("--timeout wants milliseconds (1..86400000), not '%s'", val);
+        c->timeout_set = true;
     }
     else if (!strcmp (name, "retries")) {
         if (!parse_uint (val, 1000, &c->copts.retries))
@@ -1543,6 +1547,11 @@ cmd_ctl (cli *c)
     bool needs_name = !strcmp (op, "terminate_child") || !strcmp (op, "restart_child");
     if (needs_name && c->npos != 3)
         return usage_error ("ctl %s wants a child NAME (see tally ctl which_children)", op);
+    /*  `verify` answers when a full pass over the ledger ends: about 1.3 us
+        an entry at full speed, so half a minute at 20M entries, and longer
+        on busy cores.  Wait up to an hour for it unless --timeout says. */
+    if (!strcmp (op, "verify") && !c->timeout_set)
+        c->copts.timeout_ms = CTL_VERIFY_TIMEOUT_MS;
     tly_buf req, reply;
     msgpack_packer pk;
     tly_buf_init (&req);
