@@ -1450,6 +1450,10 @@ test_config_file (void **state)
     e2e_conn_destroy (&ctl);
     e2e_conn_destroy (&api);
     assert_int_equal (e2e_server_stop_with (srv, SIGINT), 0);
+    //  the log names who stopped it (E2E_FINDINGS.md)
+    char sender[64];
+    snprintf (sender, sizeof sender, "got Interrupt from pid %d:", (int) getpid ());
+    assert_true (e2e_server_log_has (srv, sender, NULL));
     assert_int_equal (e2e_server_destroy (&srv), 0);
     e2e_pass ();
 }
