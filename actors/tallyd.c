@@ -20,6 +20,7 @@
 
 #define WHO "tallyd"
 #define GROUP_MAX_MAX 1000000
+#define REQUEST_MAX_MB_MAX 256
 #define EXIT_ESCALATED 70
 
 typedef struct {
@@ -66,7 +67,7 @@ usage (FILE *out)
 "                          RLIMIT_NICE (ulimit -e 1) or CAP_SYS_NICE allow it\n"
 "  --log-level LEVEL       debug, info, warn or error [info]\n"
 "  --map-size-gb N         LMDB map size: the ledger's maximum size [256]\n"
-"  --request-max-mb N      larger requests get too_large [16]\n"
+"  --request-max-mb N      larger requests get too_large, 1 to 256 [16]\n"
 "  --group-max N           most events in one commit, up to 1000000 [50000]\n"
 "  --strategy S            one_for_one, one_for_all or rest_for_one [one_for_one]\n"
 "  --intensity N           restarts allowed ... [5]\n"
@@ -236,6 +237,9 @@ link_pair (zsock_t *ends[2], const char *name)
     return 0;
 }
 
+/*  A message over max_msg never reaches us: ZeroMQ drops it, and the
+    peer's connection with it, unanswered.  Both endpoints take four times
+    the request limit, so that a request up to that gets `too_large`. */
 static zsock_t *
 router_bind (const char *endpoint, const char *what, size_t max_msg)
 {
@@ -468,6 +472,10 @@ on_control (control_t *c, zsock_t *sock)
     const char *why = "not msgpack";
     const uint8_t *data = zframe_data (frame);
     size_t len = zframe_size (frame);
+    if (len > c->env->request_max)
+        tly_reply_error (&c->out, NULL, "too_large",
+                         "the request is larger than the maximum request size");
+    else
     if (tly_msg_check (data, len, &tly_msg_request_limits, &why)
     ||  tly_msg_unpack (data, len, &zone, &body) || body.type != MSGPACK_OBJECT_MAP)
         tly_reply_error (&c->out, NULL, "bad_request", why);
@@ -678,6 +686,11 @@ main (int argc, char **argv)
         fprintf (stderr, "tallyd: group-max must be at most %d\n", GROUP_MAX_MAX);
         return 1;
     }
+    if (opt.request_max_mb > REQUEST_MAX_MB_MAX) {
+        /*  ZeroMQ's limit on both endpoints is 4 times it, an int. */
+        fprintf (stderr, "tallyd: request-max-mb must be at most %d\n", REQUEST_MAX_MB_MAX);
+        return 1;
+    }
     if (opt.verify_cpu == 0 || opt.verify_cpu > 100) {
         fprintf (stderr, "tallyd: verify-cpu is a percentage of one core, 1 to 100\n");
         return 1;
@@ -730,7 +743,7 @@ main (int argc, char **argv)
     ||  link_pair (env.receipt_quota, "receipt-quota")
     ||  link_pair (env.api_token, "api-token")
     ||  !(env.api = router_bind (opt.api, "api", 4 * env.request_max + 4096))
-    ||  !(control = router_bind (opt.control, "control", 1 << 20))) {
+    ||  !(control = router_bind (opt.control, "control", 4 * env.request_max + 4096))) {
         tly_error (WHO, "cannot set up sockets; exiting");
         env_close (&env, &control);
         return 1;
