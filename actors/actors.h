@@ -15,6 +15,10 @@
 #include "tally/store.h"
 #include "tally/sth.h"
 
+/*  The message of `too_large` for a request over request_max, on the API
+    (ingest) and on the control endpoint (tallyd). */
+#define TLY_TOO_LARGE_MESSAGE "the request is larger than the maximum request size"
+
 typedef struct {
     const char *data_dir;
     tly_store *store;

@@ -726,7 +726,7 @@ on_request (ingest_t *self, zmsg_t *msg)
     int rc = len > self->env->request_max
            ? TLY_ETOOLARGE : tly_msg_check (data, len, &tly_msg_request_limits, &why);
     if (len > self->env->request_max)
-        why = "the request is larger than the maximum request size";
+        why = TLY_TOO_LARGE_MESSAGE;
     if (rc == TLY_ETOOLARGE)
         reply_error (self, &msg, NULL, "too_large", why);
     else

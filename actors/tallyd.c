@@ -473,8 +473,7 @@ on_control (control_t *c, zsock_t *sock)
     const uint8_t *data = zframe_data (frame);
     size_t len = zframe_size (frame);
     if (len > c->env->request_max)
-        tly_reply_error (&c->out, NULL, "too_large",
-                         "the request is larger than the maximum request size");
+        tly_reply_error (&c->out, NULL, "too_large", TLY_TOO_LARGE_MESSAGE);
     else
     if (tly_msg_check (data, len, &tly_msg_request_limits, &why)
     ||  tly_msg_unpack (data, len, &zone, &body) || body.type != MSGPACK_OBJECT_MAP)

@@ -145,17 +145,24 @@ thread_nice (pid_t pid, const char *comm)
     return thread_sched (pid, comm, &nice, &policy) ? -100 : nice;
 }
 
+//  A `verify` call on the control connection `ctl` finds the ledger whole.
+static void
+expect_verified (e2e_conn *ctl, e2e_reply *r)
+{
+    assert_int_equal (e2e_callf (ctl, r, "{'op':'verify'}"), TLY_OK);
+    E2E_OK (r);
+    bool ok = false;
+    assert_true (e2e_bool (&r->body, "verification.ok", &ok));
+    if (!ok)
+        fprintf (stderr, "verify failed on a healthy ledger: %s\n", e2e_reply_json (r));
+    assert_true (ok);
+}
+
 //  A clean stop: the scrubber never complained, SIGTERM exits 0.
 static void
 fx_finish (fixture *fx)
 {
-    assert_int_equal (e2e_callf (fx->ctl, &fx->r, "{'op':'verify'}"), TLY_OK);
-    E2E_OK (&fx->r);
-    bool ok = false;
-    assert_true (e2e_bool (&fx->r.body, "verification.ok", &ok));
-    if (!ok)
-        fprintf (stderr, "verify failed on a healthy ledger: %s\n", e2e_reply_json (&fx->r));
-    assert_true (ok);
+    expect_verified (fx->ctl, &fx->r);
     assert_false (e2e_server_log_has (fx->srv, " ERROR ", NULL));
     fx_release (fx);
     assert_int_equal (e2e_server_destroy (&fx->srv), 0);
@@ -1577,10 +1584,7 @@ test_verify_leaves_idle_class (void **state)
         assert_non_null (ctl);
         e2e_reply r;
         e2e_reply_init (&r);
-        assert_int_equal (e2e_callf (ctl, &r, "{'op':'verify'}"), TLY_OK);
-        E2E_OK (&r);
-        assert_true (e2e_bool (&r.body, "verification.ok", &ok));
-        assert_true (ok);
+        expect_verified (ctl, &r);
         bool raised = e2e_server_log_has (srv, "verify: a full pass at nice 19", NULL);
         bool stayed = e2e_server_log_has (srv, "stays in the idle CPU class", "ulimit -e 1");
         if (raised == stayed || raised != may)
